@@ -1,0 +1,117 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The ABI between the eBPF classifier (clovisor.bpf.c) and user space
+ * (src/clovisor/kernel/abi.py mirrors every struct here; a test checks that
+ * both layouts agree).  Rules: natural alignment, no implicit padding (the
+ * build uses -Wpadded), explicit pad fields that are always zero, a type byte
+ * first in every ring buffer record.
+ */
+#ifndef CLOVISOR_H
+#define CLOVISOR_H
+
+#ifndef __VMLINUX_H__
+#include <linux/types.h>
+#endif
+
+/* Upper bound of the per-segment payload prefix (--capture-bytes). */
+#define CLV_CAPTURE_MAX 8192
+/* Bytes copied from the end of a segment whose payload exceeds the prefix:
+ * enough to see the last-chunk marker "\r\n0\r\n\r\n" of a chunked body. */
+#define CLV_TAIL_LEN 16
+
+enum clv_event_type {
+	CLV_EV_SEGMENT = 1,
+};
+
+/* Direction of a segment within its session, decided by the port tables. */
+enum clv_dir {
+	CLV_DIR_REQUEST = 0,  /* client -> server */
+	CLV_DIR_RESPONSE = 1, /* server -> client */
+};
+
+enum clv_role {
+	CLV_ROLE_SERVER = 1, /* the traced workload is the server (--port) */
+	CLV_ROLE_CLIENT = 2, /* the traced workload is the client (--egress) */
+};
+
+enum clv_proto {
+	CLV_PROTO_TCP = 1,  /* connection-level sessions only */
+	CLV_PROTO_HTTP = 2, /* HTTP/1.x */
+};
+
+enum clv_hook {
+	CLV_HOOK_INGRESS = 0,
+	CLV_HOOK_EGRESS = 1,
+};
+
+/* TCP flag bits as they appear in clv_segment.tcp_flags. */
+#define CLV_TCP_FIN 0x01
+#define CLV_TCP_SYN 0x02
+#define CLV_TCP_RST 0x04
+#define CLV_TCP_PSH 0x08
+#define CLV_TCP_ACK 0x10
+
+/* One ring buffer record per payload-carrying (or SYN/FIN/RST) TCP segment
+ * of a traced flow; cap_len payload bytes follow the struct. */
+struct clv_segment {
+	__u8 type;        /* CLV_EV_SEGMENT */
+	__u8 dir;         /* enum clv_dir */
+	__u8 role;        /* enum clv_role */
+	__u8 proto;       /* enum clv_proto */
+	__u8 family;      /* 4 or 6 */
+	__u8 tcp_flags;   /* CLV_TCP_* */
+	__u8 hook;        /* enum clv_hook */
+	__u8 tail_len;    /* valid bytes at the start of tail[] */
+	__u64 ts_ns;      /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u32 ifindex;
+	__u32 seq;        /* host byte order */
+	__u32 ack;
+	__u32 payload_len; /* TCP payload bytes of this skb (all of them) */
+	__u8 saddr[16];   /* IPv4: first 4 bytes, rest zero */
+	__u8 daddr[16];
+	__u16 sport;      /* host byte order */
+	__u16 dport;
+	__u16 cap_len;    /* payload prefix bytes that follow */
+	__u16 gso_segs;   /* wire packets this skb stands for, >= 1 */
+	__u8 tail[CLV_TAIL_LEN]; /* last tail_len payload bytes, when not in the prefix */
+};
+
+/* Server ports of a traced interface: {ifindex, port} -> protocol. */
+struct clv_port_key {
+	__u32 ifindex;
+	__u16 port;
+	__u16 pad;
+};
+
+/* Egress matches: {ifindex, port, family, addr} -> protocol; family 0 with
+ * an all-zero addr is the "any address" rule (the original's IP "0"). */
+struct clv_egress_key {
+	__u32 ifindex;
+	__u16 port;
+	__u8 family;
+	__u8 pad;
+	__u8 addr[16];
+};
+
+struct clv_match {
+	__u8 proto; /* enum clv_proto */
+	__u8 pad[3];
+};
+
+/* Kernel-side counters: a per-CPU array indexed by this enum. */
+enum clv_counter {
+	CLV_CNT_PACKETS = 0,  /* packets the classifier ran on */
+	CLV_CNT_MATCHED = 1,  /* packets of traced flows */
+	CLV_CNT_EVENTS = 2,   /* records written to the ring buffer */
+	CLV_CNT_LOST = 3,     /* records lost: ring buffer full */
+	CLV_CNT_MALFORMED = 4, /* truncated or unparsable headers */
+	CLV_CNT__MAX = 5,
+};
+
+/* Load-time settings: the only variable in .rodata (const volatile). */
+struct clv_settings {
+	__u32 capture_bytes;  /* payload prefix per segment, <= CLV_CAPTURE_MAX */
+	__u32 wakeup_bytes;   /* wake user space once this much data is queued */
+};
+
+#endif /* CLOVISOR_H */

@@ -1,0 +1,1 @@
+"""The sans-I/O core: segments in, sessions out. No sockets, clocks or threads."""

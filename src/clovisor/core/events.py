@@ -1,0 +1,122 @@
+"""The data that crosses the core's boundary: segments in, sessions out.
+
+Timestamps are kernel CLOCK_MONOTONIC nanoseconds; converting them to wall
+clock is the runtime's job, never the core's.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(enum.IntEnum):
+    """Which side of the exchange the traced workload is (clv_role)."""
+
+    SERVER = 1
+    CLIENT = 2
+
+
+class Direction(enum.IntEnum):
+    """Which half of the connection a segment belongs to (clv_dir)."""
+
+    REQUEST = 0
+    RESPONSE = 1
+
+
+class Protocol(enum.IntEnum):
+    """What the core parses on a flow (clv_proto)."""
+
+    TCP = 1
+    HTTP = 2
+
+
+# TCP flag bits as in clv_segment.tcp_flags.
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Segment:
+    """One TCP segment of a traced flow, as the classifier reported it.
+
+    ``payload`` is a prefix of the segment's payload (at most the capture
+    length); ``payload_len`` is the real length, so byte accounting works by
+    sequence numbers even when most of the payload never crossed to user
+    space. ``tail`` holds the last bytes of the payload when the prefix does
+    not reach them (empty otherwise).
+    """
+
+    ts_ns: int
+    ifindex: int
+    role: Role
+    direction: Direction
+    protocol: Protocol
+    family: int  # 4 or 6
+    saddr: bytes  # 4 or 16 bytes
+    daddr: bytes
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    payload_len: int
+    payload: bytes = b""
+    tail: bytes = b""
+    packets: int = 1  # wire packets this segment stands for (GSO)
+
+
+class Outcome(enum.Enum):
+    """How a session ended."""
+
+    COMPLETE = "complete"  # a full response was seen
+    RESET = "reset"  # the connection was reset before the response ended
+    CLOSED = "closed"  # closed (FIN) before a complete response
+    TIMEOUT = "timeout"  # no progress for the idle timeout
+    SHUTDOWN = "shutdown"  # the tracer stopped while it was pending
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpRequest:
+    method: str
+    target: str  # the request-target as sent (path and query)
+    version: str  # "1.0" or "1.1"
+    headers: tuple[tuple[str, str], ...]  # recorded headers, names lower-case
+    body_size: int | None  # bytes on the wire after the header block
+    header_truncated: bool = False  # header block not fully captured
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpResponse:
+    status_code: int
+    reason: str
+    version: str
+    headers: tuple[tuple[str, str], ...]
+    body_size: int | None
+    header_truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Session:
+    """One request/response exchange (HTTP) or one connection (TCP)."""
+
+    role: Role
+    protocol: Protocol
+    ifindex: int
+    family: int
+    client_addr: str
+    client_port: int
+    server_addr: str
+    server_port: int
+    start_ns: int  # first request byte seen
+    end_ns: int  # last response byte seen (or when the outcome was decided)
+    outcome: Outcome
+    request: HttpRequest | None = None
+    response: HttpResponse | None = None
+    request_packets: int = 0
+    request_bytes: int = 0
+    response_packets: int = 0
+    response_bytes: int = 0

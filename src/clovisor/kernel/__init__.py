@@ -1,0 +1,1 @@
+"""Edges to the kernel: libbpf through ctypes, one module per kernel concept."""

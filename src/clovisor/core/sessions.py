@@ -1,0 +1,416 @@
+"""Connections: pair each HTTP request with its response, or account a TCP flow.
+
+A connection owns the two half-streams (reassembly) and, for HTTP, a framer
+per direction. It turns framed messages into :class:`Session` records and
+decides what an ending connection (FIN, RST, idle, shutdown) means for
+requests still waiting for an answer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .events import (
+    FIN,
+    RST,
+    SYN,
+    Direction,
+    HttpRequest,
+    HttpResponse,
+    Outcome,
+    Protocol,
+    Role,
+    Segment,
+    Session,
+)
+from .http1 import Framer, Head, Kind
+from .reassembly import Chunk, HalfStream, ReassemblyLimits, seq_diff
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoints:
+    """Who is who on a connection, resolved once when it is first seen."""
+
+    role: Role
+    protocol: Protocol
+    ifindex: int
+    family: int
+    client_addr: str
+    client_port: int
+    server_addr: str
+    server_port: int
+
+
+class _Pending:
+    """A request seen on the wire that has no complete response yet."""
+
+    __slots__ = (
+        "answered",
+        "body_size",
+        "bytes",
+        "ended",
+        "head",
+        "packets",
+        "start_seq",
+        "start_ts",
+    )
+
+    def __init__(self, head: Head, start_ts: int, start_seq: int) -> None:
+        self.head = head
+        self.start_ts = start_ts
+        self.start_seq = start_seq  # 32-bit sequence number of its first byte
+        self.ended = False
+        self.answered = False  # a response head was paired with it
+        self.body_size: int | None = None
+        self.packets = 0
+        self.bytes = 0
+
+
+class Stats:
+    """Counters a tracker sums over all connections."""
+
+    __slots__ = ("parse_errors", "unpaired_responses", "dropped_requests")
+
+    def __init__(self) -> None:
+        self.parse_errors = 0
+        self.unpaired_responses = 0  # responses to requests we never saw
+        self.dropped_requests = 0  # pending requests beyond the per-connection limit
+
+
+class Connection:
+    """Base: two half-streams and the bookkeeping of how the connection ends."""
+
+    __slots__ = (
+        "endpoints",
+        "fin_client",
+        "fin_server",
+        "last_ts",
+        "out",
+        "req",
+        "resp",
+        "reset",
+        "stats",
+    )
+
+    def __init__(
+        self, endpoints: Endpoints, limits: ReassemblyLimits, stats: Stats, out: list[Session]
+    ) -> None:
+        self.endpoints = endpoints
+        self.req = HalfStream(limits)
+        self.resp = HalfStream(limits)
+        self.fin_client = False
+        self.fin_server = False
+        self.reset = False
+        self.last_ts = 0
+        self.stats = stats
+        self.out = out
+
+    @property
+    def finished(self) -> bool:
+        return self.reset or (self.fin_client and self.fin_server)
+
+    def feed(self, seg: Segment) -> None:
+        self.last_ts = seg.ts_ns
+        is_req = seg.direction is Direction.REQUEST
+        stream = self.req if is_req else self.resp
+        flags = seg.flags
+        if flags & SYN:
+            stream.syn(seg.seq)
+        if seg.payload_len:
+            seq = (seg.seq + 1) if flags & SYN else seg.seq
+            chunks = stream.push(
+                seq & 0xFFFFFFFF,
+                seg.payload_len,
+                seg.payload,
+                seg.tail,
+                seg.ts_ns,
+                seg.packets,
+            )
+            for chunk in chunks:
+                self.on_chunk(is_req, chunk, seg.ack)
+        if flags & RST:
+            self.reset = True
+            self.on_end(Outcome.RESET, seg.ts_ns)
+        elif flags & FIN:
+            for chunk in stream.flush():
+                self.on_chunk(is_req, chunk, seg.ack)
+            if is_req:
+                self.fin_client = True
+            else:
+                self.fin_server = True
+            self.on_fin(is_req, seg.ts_ns)
+            if self.finished:
+                self.on_end(Outcome.CLOSED, seg.ts_ns)
+
+    def expire(self, now_ns: int) -> None:
+        """Give up on holes that waited too long."""
+        for chunk in self.req.expire(now_ns):
+            self.on_chunk(True, chunk, 0)
+        for chunk in self.resp.expire(now_ns):
+            self.on_chunk(False, chunk, 0)
+
+    def flush_and_end(self, outcome: Outcome, ts_ns: int) -> None:
+        """The connection is being dropped (idle, evicted, shutdown)."""
+        for chunk in self.req.flush():
+            self.on_chunk(True, chunk, 0)
+        for chunk in self.resp.flush():
+            self.on_chunk(False, chunk, 0)
+        self.on_end(outcome, ts_ns)
+
+    # Subclass hooks.
+    def on_chunk(self, is_req: bool, chunk: Chunk, ack: int) -> None:
+        raise NotImplementedError
+
+    def on_fin(self, is_req: bool, ts_ns: int) -> None:
+        raise NotImplementedError
+
+    def on_end(self, outcome: Outcome, ts_ns: int) -> None:
+        raise NotImplementedError
+
+
+class TcpConnection(Connection):
+    """Connection-level sessions: one session per TCP connection."""
+
+    __slots__ = ("_counts", "_emitted", "_start_ts")
+
+    def __init__(
+        self, endpoints: Endpoints, limits: ReassemblyLimits, stats: Stats, out: list[Session]
+    ) -> None:
+        super().__init__(endpoints, limits, stats, out)
+        self._start_ts = 0
+        self._counts = [0, 0, 0, 0]  # req packets, req bytes, resp packets, resp bytes
+        self._emitted = False
+
+    def feed(self, seg: Segment) -> None:
+        if not self._start_ts:
+            self._start_ts = seg.ts_ns
+        super().feed(seg)
+
+    def on_chunk(self, is_req: bool, chunk: Chunk, ack: int) -> None:
+        i = 0 if is_req else 2
+        self._counts[i] += chunk.packets
+        self._counts[i + 1] += chunk.length
+
+    def on_fin(self, is_req: bool, ts_ns: int) -> None:
+        return None
+
+    def on_end(self, outcome: Outcome, ts_ns: int) -> None:
+        if self._emitted:
+            return
+        self._emitted = True
+        e = self.endpoints
+        self.out.append(
+            Session(
+                role=e.role,
+                protocol=e.protocol,
+                ifindex=e.ifindex,
+                family=e.family,
+                client_addr=e.client_addr,
+                client_port=e.client_port,
+                server_addr=e.server_addr,
+                server_port=e.server_port,
+                start_ns=self._start_ts,
+                end_ns=ts_ns,
+                outcome=Outcome.COMPLETE if outcome is Outcome.CLOSED else outcome,
+                request_packets=self._counts[0],
+                request_bytes=self._counts[1],
+                response_packets=self._counts[2],
+                response_bytes=self._counts[3],
+            )
+        )
+
+
+class HttpConnection(Connection):
+    """HTTP/1.x: a FIFO of requests, each paired with the next response."""
+
+    __slots__ = ("_current", "_pending", "_req_framer", "_resp_framer", "_max_pending")
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        limits: ReassemblyLimits,
+        stats: Stats,
+        out: list[Session],
+        *,
+        synced: bool,
+        max_pending: int = 64,
+        max_header_bytes: int = 65536,
+    ) -> None:
+        super().__init__(endpoints, limits, stats, out)
+        self._req_framer = Framer(
+            Kind.REQUEST, self, synced=synced, max_header_bytes=max_header_bytes
+        )
+        self._resp_framer = Framer(
+            Kind.RESPONSE, self, synced=synced, max_header_bytes=max_header_bytes
+        )
+        self._pending: deque[_Pending] = deque()
+        self._current: tuple[_Pending, Head, int] | None = None  # request, response head, ts
+        self._max_pending = max_pending
+
+    def on_chunk(self, is_req: bool, chunk: Chunk, ack: int) -> None:
+        framer = self._req_framer if is_req else self._resp_framer
+        framer.feed(chunk, ack)
+
+    # -- MessageSink ---------------------------------------------------------------
+
+    def message_head(self, kind: Kind, head: Head, ts_ns: int, ack: int) -> str | None:
+        if kind is Kind.REQUEST:
+            if len(self._pending) >= self._max_pending:
+                self._pending.popleft()
+                self.stats.dropped_requests += 1
+            start_seq = self.req.seq_at(self._req_framer.start_offset)
+            self._pending.append(_Pending(head, ts_ns, start_seq))
+            return None
+        if 100 <= head.status_code < 200 and head.status_code != 101:
+            return None  # interim: the final response answers the request
+        request = self._pair(ack)
+        if request is None:
+            self.stats.unpaired_responses += 1
+            self._current = None
+            return None
+        request.answered = True
+        self._current = (request, head, ts_ns)
+        if head.status_code == 101 or (
+            request.head.method == "CONNECT" and 200 <= head.status_code < 300
+        ):
+            self._req_framer.upgraded()
+        return request.head.method
+
+    def message_end(self, kind: Kind, ts_ns: int, body_size: int | None) -> None:
+        if kind is Kind.REQUEST:
+            for p in reversed(self._pending):
+                if not p.ended:
+                    # The framer ends messages in order: this is the newest open one.
+                    p.ended = True
+                    p.body_size = body_size
+                    p.packets = max(1, self._req_framer.message_packets)
+                    p.bytes = self._req_framer.message_bytes
+                    break
+            return
+        current = self._current
+        if current is None:
+            return
+        self._current = None
+        request, head, _ = current
+        self._take(request)
+        framer = self._resp_framer
+        self._emit(
+            request,
+            head,
+            ts_ns,
+            Outcome.COMPLETE,
+            body_size,
+            max(1, framer.message_packets),
+            framer.message_bytes,
+        )
+
+    def message_error(self, kind: Kind, reason: str) -> None:
+        self.stats.parse_errors += 1
+
+    # -- endings -------------------------------------------------------------------
+
+    def on_fin(self, is_req: bool, ts_ns: int) -> None:
+        if not is_req:
+            self._resp_framer.close(ts_ns)
+        else:
+            self._req_framer.close(ts_ns)
+
+    def on_end(self, outcome: Outcome, ts_ns: int) -> None:
+        """Requests still open when the connection ends become error sessions."""
+        current = self._current
+        self._current = None
+        if current is not None:
+            request, head, _ = current
+            self._take(request)
+            framer = self._resp_framer
+            self._emit(
+                request,
+                head,
+                ts_ns,
+                outcome,
+                None,
+                max(1, framer.message_packets),
+                framer.message_bytes,
+            )
+        while self._pending:
+            request = self._pending[0]
+            self._take(request)
+            self._emit(request, None, ts_ns, outcome, None, 0, 0)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _take(self, request: _Pending) -> None:
+        """Remove a request from the FIFO, keeping what was seen of it."""
+        if not request.ended and self._pending and self._pending[-1] is request:
+            # Answered (or cut off) before its body was complete: count what we saw.
+            request.packets = max(1, self._req_framer.message_packets)
+            request.bytes = self._req_framer.message_bytes
+        if request in self._pending:
+            self._pending.remove(request)
+
+    def _pair(self, ack: int) -> _Pending | None:
+        """The oldest unanswered request this response can answer.
+
+        A server answers only what it has begun to receive, so a response whose
+        ack does not pass a request's first byte answers an earlier request we
+        never saw (tracing started between the two).
+        """
+        for p in self._pending:
+            if p.answered:
+                continue
+            if ack and seq_diff(ack, p.start_seq) <= 0:
+                return None
+            return p
+        return None
+
+    def _emit(
+        self,
+        request: _Pending,
+        head: Head | None,
+        end_ts: int,
+        outcome: Outcome,
+        body_size: int | None,
+        packets: int,
+        nbytes: int,
+    ) -> None:
+        e = self.endpoints
+        rh = request.head
+        response = None
+        if head is not None:
+            response = HttpResponse(
+                status_code=head.status_code,
+                reason=head.reason,
+                version=head.version,
+                headers=head.headers,
+                body_size=body_size,
+                header_truncated=head.truncated,
+            )
+        self.out.append(
+            Session(
+                role=e.role,
+                protocol=e.protocol,
+                ifindex=e.ifindex,
+                family=e.family,
+                client_addr=e.client_addr,
+                client_port=e.client_port,
+                server_addr=e.server_addr,
+                server_port=e.server_port,
+                start_ns=request.start_ts,
+                end_ns=max(end_ts, request.start_ts),
+                outcome=outcome,
+                request=HttpRequest(
+                    method=rh.method,
+                    target=rh.target,
+                    version=rh.version,
+                    headers=rh.headers,
+                    body_size=request.body_size,
+                    header_truncated=rh.truncated,
+                ),
+                response=response,
+                request_packets=request.packets,
+                request_bytes=request.bytes,
+                response_packets=packets if head is not None else 0,
+                response_bytes=nbytes if head is not None else 0,
+            )
+        )

@@ -1,0 +1,202 @@
+"""The core's entry point: segments of many connections in, sessions out."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .events import SYN, Direction, Outcome, Protocol, Segment, Session
+from .reassembly import ReassemblyLimits, seq_diff
+from .sessions import Connection, Endpoints, HttpConnection, Stats, TcpConnection
+
+ConnKey = tuple[int, int, bytes, int, bytes, int]  # ifindex, role, client, cport, server, sport
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Memory and time bounds of the core (documented in the README)."""
+
+    max_connections: int = 65536
+    max_pending_requests: int = 64  # per connection (pipelining depth kept)
+    max_header_bytes: int = 65536  # a header block larger than this is an error
+    idle_timeout_ns: int = 30_000_000_000  # a pending request then becomes a TIMEOUT
+    reassembly: ReassemblyLimits = ReassemblyLimits()
+
+
+class TrackerStats:
+    """Totals for the operator (``clovisor trace`` prints them at exit)."""
+
+    __slots__ = ("connections", "evicted", "segments", "sessions", "_conn_stats")
+
+    def __init__(self, conn_stats: Stats) -> None:
+        self.segments = 0
+        self.sessions = 0
+        self.connections = 0  # connections ever tracked
+        self.evicted = 0  # dropped because the table was full
+        self._conn_stats = conn_stats
+
+    @property
+    def parse_errors(self) -> int:
+        return self._conn_stats.parse_errors
+
+    @property
+    def unpaired_responses(self) -> int:
+        return self._conn_stats.unpaired_responses
+
+    @property
+    def dropped_requests(self) -> int:
+        return self._conn_stats.dropped_requests
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "segments": self.segments,
+            "sessions": self.sessions,
+            "connections": self.connections,
+            "evicted": self.evicted,
+            "parse_errors": self.parse_errors,
+            "unpaired_responses": self.unpaired_responses,
+            "dropped_requests": self.dropped_requests,
+        }
+
+
+class Tracker:
+    """Tracks every traced connection; sans-I/O, single-threaded.
+
+    Time only moves with the data: segment timestamps and the ``now_ns`` the
+    caller passes to :meth:`advance` (both kernel CLOCK_MONOTONIC).
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._conns: OrderedDict[ConnKey, Connection] = OrderedDict()
+        self._conn_stats = Stats()
+        self.stats = TrackerStats(self._conn_stats)
+        self._out: list[Session] = []
+        self._addr_cache: dict[bytes, str] = {}
+        self._now = 0
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def feed(self, seg: Segment) -> list[Session]:
+        """Process one segment; return the sessions it completed."""
+        self._feed(seg)
+        return self._take()
+
+    def feed_many(self, segments: Iterable[Segment]) -> list[Session]:
+        for seg in segments:
+            self._feed(seg)
+        return self._take()
+
+    def advance(self, now_ns: int) -> list[Session]:
+        """Let time pass: idle connections end, stale holes are skipped."""
+        self._now = max(self._now, now_ns)
+        timeout = self.limits.idle_timeout_ns
+        conns = self._conns
+        while conns:
+            key, conn = next(iter(conns.items()))
+            if now_ns - conn.last_ts <= timeout:
+                break
+            del conns[key]
+            conn.flush_and_end(Outcome.TIMEOUT, now_ns)
+        gap = self.limits.reassembly.gap_timeout_ns
+        for conn in list(conns.values()):
+            if now_ns - conn.last_ts > gap and (conn.req.has_pending or conn.resp.has_pending):
+                conn.expire(now_ns)
+        return self._take()
+
+    def close(self) -> list[Session]:
+        """The tracer is stopping: every pending request becomes a session."""
+        for conn in self._conns.values():
+            conn.flush_and_end(Outcome.SHUTDOWN, max(self._now, conn.last_ts))
+        self._conns.clear()
+        return self._take()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _take(self) -> list[Session]:
+        # Connections append to self._out, so it is emptied, never replaced.
+        if not self._out:
+            return []
+        out = self._out[:]
+        self._out.clear()
+        self.stats.sessions += len(out)
+        return out
+
+    def _feed(self, seg: Segment) -> None:
+        self.stats.segments += 1
+        if seg.ts_ns > self._now:
+            self._now = seg.ts_ns
+        if seg.direction is Direction.REQUEST:
+            key = (seg.ifindex, seg.role, seg.saddr, seg.sport, seg.daddr, seg.dport)
+        else:
+            key = (seg.ifindex, seg.role, seg.daddr, seg.dport, seg.saddr, seg.sport)
+        conns = self._conns
+        conn = conns.get(key)
+        if (
+            conn is not None
+            and seg.flags & SYN
+            and seg.direction is Direction.REQUEST
+            and seq_diff((seg.seq + 1) & 0xFFFFFFFF, conn.req.seq_at(0)) != 0
+        ):
+            # A new SYN on a known 4-tuple: the port was reused; start afresh.
+            del conns[key]
+            conn.flush_and_end(Outcome.CLOSED, seg.ts_ns)
+            conn = None
+        if conn is None:
+            if not seg.payload_len and not seg.flags & SYN:
+                return  # a bare FIN/RST of a connection we never saw: nothing to say
+            conn = self._new_connection(key, seg)
+        else:
+            conns.move_to_end(key)
+        conn.feed(seg)
+        if conn.finished:
+            conns.pop(key, None)
+
+    def _new_connection(self, key: ConnKey, seg: Segment) -> Connection:
+        conns = self._conns
+        if len(conns) >= self.limits.max_connections:
+            old_key, old = next(iter(conns.items()))
+            del conns[old_key]
+            old.flush_and_end(Outcome.TIMEOUT, seg.ts_ns)
+            self.stats.evicted += 1
+        ifindex, role, client, cport, server, sport = key
+        endpoints = Endpoints(
+            role=seg.role,
+            protocol=seg.protocol,
+            ifindex=ifindex,
+            family=seg.family,
+            client_addr=self._addr(client),
+            client_port=cport,
+            server_addr=self._addr(server),
+            server_port=sport,
+        )
+        lim = self.limits
+        conn: Connection
+        if seg.protocol is Protocol.HTTP:
+            # Only a connection seen from its SYN is known to be at a message boundary.
+            conn = HttpConnection(
+                endpoints,
+                lim.reassembly,
+                self._conn_stats,
+                self._out,
+                synced=bool(seg.flags & SYN),
+                max_pending=lim.max_pending_requests,
+                max_header_bytes=lim.max_header_bytes,
+            )
+        else:
+            conn = TcpConnection(endpoints, lim.reassembly, self._conn_stats, self._out)
+        conns[key] = conn
+        self.stats.connections += 1
+        return conn
+
+    def _addr(self, raw: bytes) -> str:
+        s = self._addr_cache.get(raw)
+        if s is None:
+            s = str(ipaddress.ip_address(raw))
+            if len(self._addr_cache) > 4096:
+                self._addr_cache.clear()
+            self._addr_cache[raw] = s
+        return s

@@ -47,11 +47,12 @@ class Chunk:
     def split(self, n: int) -> tuple[Chunk, Chunk]:
         """The first n bytes and the rest (the rest counts no packets)."""
         head = Chunk(self.offset, n, self.data[:n], b"", self.ts_ns, self.packets)
-        if n < len(self.data):
-            rest_data = self.data[n:]
-        else:
-            rest_data = b""
-        rest = Chunk(self.offset + n, self.length - n, rest_data, self.tail, self.ts_ns, 0)
+        rest_len = self.length - n
+        rest_data = self.data[n:] if n < len(self.data) else b""
+        tail = self.tail
+        if len(rest_data) < rest_len and len(tail) >= rest_len:
+            rest_data = tail[len(tail) - rest_len :]  # the tail covers all of the rest
+        rest = Chunk(self.offset + n, rest_len, rest_data, tail, self.ts_ns, 0)
         return head, rest
 
     def ends_with(self, suffix: bytes) -> bool:

@@ -93,9 +93,18 @@ struct clv_egress_key {
 	__u8 addr[16];
 };
 
+/* Which egress rules exist for a {ifindex, port}: carried in the `ports`
+ * entry so that a packet of an untraced port costs two lookups, not six. */
+#define CLV_EGRESS_ANY 0x01 /* a family 0 / any-address rule */
+#define CLV_EGRESS_V4 0x02  /* at least one exact IPv4 rule */
+#define CLV_EGRESS_V6 0x04  /* at least one exact IPv6 rule */
+
+/* Value of both maps.  In `ports`, proto 0 means "not a server port, only
+ * egress rules" and egress holds CLV_EGRESS_* bits; in `egress`, egress is 0. */
 struct clv_match {
-	__u8 proto; /* enum clv_proto */
-	__u8 pad[3];
+	__u8 proto;  /* enum clv_proto; 0 = no server port */
+	__u8 egress; /* CLV_EGRESS_* (ports map only) */
+	__u8 pad[2];
 };
 
 /* Kernel-side counters: a per-CPU array indexed by this enum. */
@@ -111,7 +120,8 @@ enum clv_counter {
 /* Load-time settings: the only variable in .rodata (const volatile). */
 struct clv_settings {
 	__u32 capture_bytes;  /* payload prefix per segment, <= CLV_CAPTURE_MAX */
-	__u32 wakeup_bytes;   /* wake user space once this much data is queued */
+	__u32 wakeup_bytes;   /* wake user space once this much data is queued;
+	                       * 0: wake it for every record */
 };
 
 #endif /* CLOVISOR_H */

@@ -1,0 +1,438 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
+/*
+ * Clovisor's classifier: one TCX (or clsact) program per hook that reports
+ * the payload-carrying and SYN/FIN/RST TCP segments of traced flows to user
+ * space through a BPF ring buffer.
+ *
+ * Invariants:
+ *  - it never changes, drops or redirects a packet and never ends the chain:
+ *    every path returns TC_ACT_UNSPEC (TCX "next"), so programs attached
+ *    after it (another agent's) still run;
+ *  - per-packet work is bounded: a fixed number of header loads, at most six
+ *    IPv6 extension headers, at most four hash lookups;
+ *  - an untraced packet costs the parse and two hash lookups (the `ports`
+ *    entry of its destination and source port, which also says whether
+ *    `egress` rules exist for that port); a pure ACK costs only the parse;
+ *  - every record that cannot be written is counted (CLV_CNT_LOST).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <stdbool.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "clovisor.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Written by the loader before load (frozen .rodata): the verifier sees the
+ * values as constants and prunes what they disable. */
+const volatile struct clv_settings settings = {
+	.capture_bytes = 256,
+	.wakeup_bytes = 0,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct clv_port_key);
+	__type(value, struct clv_match);
+} ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct clv_egress_key);
+	__type(value, struct clv_match);
+} egress SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20); /* the loader sets the real size */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CLV_CNT__MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* A record is built here, not on the 512-byte stack, and leaves with one
+ * bpf_ringbuf_output() of exactly header + captured bytes (reserve/commit
+ * would need a constant size). */
+struct clv_scratch {
+	struct clv_segment hdr;
+	__u8 data[CLV_CAPTURE_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct clv_scratch);
+} scratch SEC(".maps");
+
+/* The parsed facts of one TCP segment. */
+struct clv_pkt {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u32 seq;         /* network byte order */
+	__u32 ack;         /* network byte order */
+	__u32 payload_off; /* from the network header */
+	__u32 payload_len;
+	__u16 sport;       /* host byte order */
+	__u16 dport;
+	__u8 family;
+	__u8 flags;
+	__u8 pad[2];
+};
+
+enum clv_parse {
+	CLV_PARSE_TCP = 0,
+	CLV_PARSE_SKIP = 1, /* not TCP, or a non-first fragment: not ours */
+	CLV_PARSE_BAD = 2,  /* truncated or inconsistent headers */
+};
+
+/* a bounded loop (kernel >= 5.3), not unrolled: clang cannot unroll it */
+#define CLV_IPV6_EXT_MAX 6
+#define CLV_TCP_FLAG_MASK (CLV_TCP_FIN | CLV_TCP_SYN | CLV_TCP_RST | CLV_TCP_PSH | CLV_TCP_ACK)
+#define CLV_TCP_REPORT (CLV_TCP_FIN | CLV_TCP_SYN | CLV_TCP_RST)
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int load_net(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
+{
+	return bpf_skb_load_bytes_relative(skb, off, to, len, BPF_HDR_START_NET);
+}
+
+/*
+ * The L3 length when the IP length field is 0: a BIG TCP GSO/GRO packet
+ * (> 64 KiB).  The network offset is not in __sk_buff, so assume an Ethernet
+ * header when the bytes at skb->data look like one (veth and physical
+ * NICs), none otherwise (tun, wireguard).
+ */
+static __always_inline __u32 big_l3_len(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if (data + sizeof(*eth) <= end && eth->h_proto == skb->protocol)
+		return skb->len - sizeof(*eth);
+	return skb->len;
+}
+
+static __always_inline int parse_tcp(struct __sk_buff *skb, struct clv_pkt *p, __u32 l4off,
+				     __u32 l3len)
+{
+	struct tcphdr th;
+	__u32 hlen;
+
+	if (load_net(skb, l4off, &th, sizeof(th)))
+		return CLV_PARSE_BAD;
+	hlen = th.doff * 4;
+	if (hlen < sizeof(th) || l3len < l4off + hlen)
+		return CLV_PARSE_BAD;
+	p->sport = bpf_ntohs(th.source);
+	p->dport = bpf_ntohs(th.dest);
+	p->seq = th.seq;
+	p->ack = th.ack_seq;
+	/* byte 13 of the TCP header holds the flags in CLV_TCP_* bit order */
+	p->flags = ((__u8 *)&th)[13] & CLV_TCP_FLAG_MASK;
+	p->payload_off = l4off + hlen;
+	/* from the IP length, never skb->len: Ethernet padding is not payload */
+	p->payload_len = l3len - l4off - hlen;
+	return CLV_PARSE_TCP;
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct clv_pkt *p)
+{
+	struct iphdr ih;
+	__u32 hlen, l3len;
+
+	if (load_net(skb, 0, &ih, sizeof(ih)))
+		return CLV_PARSE_BAD;
+	hlen = ih.ihl * 4;
+	if (ih.version != 4 || hlen < sizeof(ih))
+		return CLV_PARSE_BAD;
+	if (ih.protocol != IPPROTO_TCP)
+		return CLV_PARSE_SKIP;
+	/* a non-first fragment carries no TCP header */
+	if (ih.frag_off & bpf_htons(0x1fff))
+		return CLV_PARSE_SKIP;
+	l3len = bpf_ntohs(ih.tot_len);
+	if (l3len == 0 && skb->gso_segs > 1)
+		l3len = big_l3_len(skb);
+	p->family = 4;
+	p->saddr[0] = ih.saddr;
+	p->daddr[0] = ih.daddr;
+	p->saddr[1] = p->saddr[2] = p->saddr[3] = 0;
+	p->daddr[1] = p->daddr[2] = p->daddr[3] = 0;
+	return parse_tcp(skb, p, hlen, l3len);
+}
+
+struct clv_ipv6_ext {
+	__u8 nexthdr;
+	__u8 hdrlen;
+	__be16 frag_off; /* fragment header only */
+};
+
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct clv_pkt *p)
+{
+	struct ipv6hdr ih;
+	struct clv_ipv6_ext ext;
+	__u32 off = sizeof(ih), l3len;
+	__u8 next;
+
+	if (load_net(skb, 0, &ih, sizeof(ih)))
+		return CLV_PARSE_BAD;
+	if (ih.version != 6)
+		return CLV_PARSE_BAD;
+	next = ih.nexthdr;
+	for (int i = 0; i < CLV_IPV6_EXT_MAX; i++) {
+		if (next == IPPROTO_TCP)
+			break;
+		if (next != IPPROTO_HOPOPTS && next != IPPROTO_ROUTING && next != IPPROTO_DSTOPTS &&
+		    next != IPPROTO_FRAGMENT && next != IPPROTO_AH)
+			return CLV_PARSE_SKIP;
+		if (load_net(skb, off, &ext, sizeof(ext)))
+			return CLV_PARSE_BAD;
+		if (next == IPPROTO_FRAGMENT) {
+			if (ext.frag_off & bpf_htons(0xfff8))
+				return CLV_PARSE_SKIP;
+			off += 8;
+		} else if (next == IPPROTO_AH) {
+			off += (ext.hdrlen + 2) * 4;
+		} else {
+			off += (ext.hdrlen + 1) * 8;
+		}
+		next = ext.nexthdr;
+	}
+	if (next != IPPROTO_TCP)
+		return CLV_PARSE_SKIP; /* more extension headers than we walk */
+	l3len = bpf_ntohs(ih.payload_len);
+	l3len = l3len ? l3len + sizeof(ih) : big_l3_len(skb);
+	p->family = 6;
+	__builtin_memcpy(p->saddr, &ih.saddr, 16);
+	__builtin_memcpy(p->daddr, &ih.daddr, 16);
+	return parse_tcp(skb, p, off, l3len);
+}
+
+static __always_inline int parse(struct __sk_buff *skb, struct clv_pkt *p)
+{
+	if (skb->protocol == bpf_htons(ETH_P_IP))
+		return parse_ipv4(skb, p);
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return parse_ipv6(skb, p);
+	return CLV_PARSE_SKIP;
+}
+
+/* An egress rule for the remote end {port, addr}: exact address first, then
+ * the any-address rule; `bits` (from the ports entry) says which exist. */
+static __always_inline struct clv_match *match_egress(__u32 ifindex, __u16 port, __u8 family,
+						      __u32 *addr, __u8 bits)
+{
+	struct clv_egress_key k = { .ifindex = ifindex, .port = port };
+	struct clv_match *m;
+	__u8 exact = family == 4 ? CLV_EGRESS_V4 : CLV_EGRESS_V6;
+
+	if (bits & exact) {
+		k.family = family;
+		__builtin_memcpy(k.addr, addr, 16);
+		m = bpf_map_lookup_elem(&egress, &k);
+		if (m)
+			return m;
+		k.family = 0;
+		__builtin_memset(k.addr, 0, 16);
+	}
+	if (bits & CLV_EGRESS_ANY)
+		return bpf_map_lookup_elem(&egress, &k);
+	return NULL;
+}
+
+/* Decide dir/role/proto; false when the segment is not traced here. */
+static __always_inline bool match(__u32 ifindex, struct clv_pkt *p, struct clv_segment *h)
+{
+	struct clv_port_key k = { .ifindex = ifindex, .port = p->dport };
+	struct clv_match *dm, *sm, *m;
+
+	dm = bpf_map_lookup_elem(&ports, &k);
+	if (dm && dm->proto) {
+		h->dir = CLV_DIR_REQUEST;
+		h->role = CLV_ROLE_SERVER;
+		h->proto = dm->proto;
+		return true;
+	}
+	k.port = p->sport;
+	sm = bpf_map_lookup_elem(&ports, &k);
+	if (sm && sm->proto) {
+		h->dir = CLV_DIR_RESPONSE;
+		h->role = CLV_ROLE_SERVER;
+		h->proto = sm->proto;
+		return true;
+	}
+	if (dm && dm->egress) {
+		m = match_egress(ifindex, p->dport, p->family, p->daddr, dm->egress);
+		if (m) {
+			h->dir = CLV_DIR_REQUEST;
+			h->role = CLV_ROLE_CLIENT;
+			h->proto = m->proto;
+			return true;
+		}
+	}
+	if (sm && sm->egress) {
+		m = match_egress(ifindex, p->sport, p->family, p->saddr, sm->egress);
+		if (m) {
+			h->dir = CLV_DIR_RESPONSE;
+			h->role = CLV_ROLE_CLIENT;
+			h->proto = m->proto;
+			return true;
+		}
+	}
+	return false;
+}
+
+/* Copy the payload prefix into s->data and the last bytes into the tail;
+ * returns the prefix length, or -1 when the skb is shorter than its IP
+ * length says (a hostile or truncated packet). */
+static __always_inline int capture(struct __sk_buff *skb, struct clv_pkt *p,
+				   struct clv_scratch *s)
+{
+	/* 64-bit on purpose: without alu32, a __u32 lives in a register whose
+	 * upper half clang leaves undefined, and the verifier bounds the whole
+	 * register */
+	__u64 cap = settings.capture_bytes;
+	__u64 n = p->payload_len, t;
+
+	if (cap > CLV_CAPTURE_MAX)
+		cap = CLV_CAPTURE_MAX;
+	if (n > cap)
+		n = cap;
+	s->hdr.tail_len = 0;
+	/* clang knows n <= cap and would drop a plain re-check; barrier_var
+	 * makes it re-test n in the register the verifier will look at */
+	barrier_var(n);
+	if (n > CLV_CAPTURE_MAX)
+		return -1;
+	if (n > 0 && load_net(skb, p->payload_off, s->data, n))
+		return -1;
+	if (p->payload_len > n) {
+		t = p->payload_len - n;
+		if (t > CLV_TAIL_LEN)
+			t = CLV_TAIL_LEN;
+		barrier_var(t);
+		if (t == 0 || t > CLV_TAIL_LEN)
+			return -1;
+		if (load_net(skb, p->payload_off + p->payload_len - t, s->hdr.tail, t))
+			return -1;
+		s->hdr.tail_len = t;
+	}
+	return n;
+}
+
+static __always_inline void fill_header(struct __sk_buff *skb, struct clv_pkt *p,
+					struct clv_segment *h, __u8 hook)
+{
+	__u32 segs = skb->gso_segs;
+
+	h->type = CLV_EV_SEGMENT;
+	h->family = p->family;
+	h->tcp_flags = p->flags;
+	h->hook = hook;
+	h->ts_ns = bpf_ktime_get_ns();
+	h->ifindex = skb->ifindex;
+	h->seq = bpf_ntohl(p->seq);
+	h->ack = bpf_ntohl(p->ack);
+	h->payload_len = p->payload_len;
+	__builtin_memcpy(h->saddr, p->saddr, 16);
+	__builtin_memcpy(h->daddr, p->daddr, 16);
+	h->sport = p->sport;
+	h->dport = p->dport;
+	h->gso_segs = segs ? (segs > 0xffff ? 0xffff : segs) : 1;
+}
+
+static __always_inline void emit(struct __sk_buff *skb, struct clv_pkt *p,
+				 struct clv_scratch *s, __u8 hook)
+{
+	__u64 flags = BPF_RB_NO_WAKEUP, avail, wake, size;
+	int n;
+
+	n = capture(skb, p, s);
+	if (n < 0) {
+		count(CLV_CNT_MALFORMED);
+		return;
+	}
+	fill_header(skb, p, &s->hdr, hook);
+	s->hdr.cap_len = n;
+	size = sizeof(s->hdr) + n;
+	/*
+	 * Batch wake-ups: wake the reader only when this record makes the
+	 * unread data cross wakeup_bytes.  Above the threshold the reader is
+	 * already woken (a level-triggered epoll does not lose it), and waking
+	 * again per record would cost an irq_work each; below it, the reader's
+	 * poll timeout bounds the latency.  wakeup_bytes 0: wake every record.
+	 */
+	wake = settings.wakeup_bytes;
+	if (wake == 0) {
+		flags = BPF_RB_FORCE_WAKEUP;
+	} else {
+		avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+		if (avail < wake && avail + size >= wake)
+			flags = BPF_RB_FORCE_WAKEUP;
+	}
+	if (bpf_ringbuf_output(&events, s, size, flags))
+		count(CLV_CNT_LOST);
+	else
+		count(CLV_CNT_EVENTS);
+}
+
+static __always_inline int classify(struct __sk_buff *skb, __u8 hook)
+{
+	struct clv_pkt p;
+	struct clv_scratch *s;
+	__u32 zero = 0;
+	int rc;
+
+	count(CLV_CNT_PACKETS);
+	rc = parse(skb, &p);
+	if (rc != CLV_PARSE_TCP) {
+		if (rc == CLV_PARSE_BAD)
+			count(CLV_CNT_MALFORMED);
+		return TC_ACT_UNSPEC;
+	}
+	/* pure ACKs never cross, and are filtered before any lookup */
+	if (p.payload_len == 0 && !(p.flags & CLV_TCP_REPORT))
+		return TC_ACT_UNSPEC;
+	s = bpf_map_lookup_elem(&scratch, &zero);
+	if (!s)
+		return TC_ACT_UNSPEC;
+	if (!match(skb->ifindex, &p, &s->hdr))
+		return TC_ACT_UNSPEC;
+	count(CLV_CNT_MATCHED);
+	emit(skb, &p, s, hook);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int clv_tc_ingress(struct __sk_buff *skb)
+{
+	return classify(skb, CLV_HOOK_INGRESS);
+}
+
+SEC("tc")
+int clv_tc_egress(struct __sk_buff *skb)
+{
+	return classify(skb, CLV_HOOK_EGRESS);
+}

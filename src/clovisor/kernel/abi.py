@@ -1,0 +1,230 @@
+"""Python mirrors of ``bpf/clovisor.h`` and the ring buffer record decoder.
+
+The ctypes structures are for the control path (map keys and values, load
+settings); the decoder is the hot path and uses one precompiled
+:class:`struct.Struct` instead, because a ctypes field access costs several
+times a ``unpack_from`` of the whole header. ``tests/kernel/test_abi.py``
+proves that both agree with the C layout and with the object's BTF.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import enum
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from ..core.events import Direction, Protocol, Role, Segment
+from .errors import KernelError
+
+CLV_CAPTURE_MAX = 8192
+CLV_TAIL_LEN = 16
+
+CLV_EV_SEGMENT = 1
+
+CLV_DIR_REQUEST = 0
+CLV_DIR_RESPONSE = 1
+
+CLV_ROLE_SERVER = 1
+CLV_ROLE_CLIENT = 2
+
+CLV_PROTO_TCP = 1
+CLV_PROTO_HTTP = 2
+
+CLV_HOOK_INGRESS = 0
+CLV_HOOK_EGRESS = 1
+
+CLV_TCP_FIN = 0x01
+CLV_TCP_SYN = 0x02
+CLV_TCP_RST = 0x04
+CLV_TCP_PSH = 0x08
+CLV_TCP_ACK = 0x10
+
+CLV_EGRESS_ANY = 0x01
+CLV_EGRESS_V4 = 0x02
+CLV_EGRESS_V6 = 0x04
+
+
+class Counter(enum.IntEnum):
+    """enum clv_counter: indexes of the per-CPU ``counters`` array."""
+
+    PACKETS = 0
+    MATCHED = 1
+    EVENTS = 2
+    LOST = 3
+    MALFORMED = 4
+
+
+CLV_CNT__MAX = len(Counter)
+
+_u8 = ctypes.c_uint8
+_u16 = ctypes.c_uint16
+_u32 = ctypes.c_uint32
+_u64 = ctypes.c_uint64
+
+
+class clv_segment(ctypes.Structure):  # noqa: N801 - the C name
+    _fields_ = [
+        ("type", _u8),
+        ("dir", _u8),
+        ("role", _u8),
+        ("proto", _u8),
+        ("family", _u8),
+        ("tcp_flags", _u8),
+        ("hook", _u8),
+        ("tail_len", _u8),
+        ("ts_ns", _u64),
+        ("ifindex", _u32),
+        ("seq", _u32),
+        ("ack", _u32),
+        ("payload_len", _u32),
+        ("saddr", _u8 * 16),
+        ("daddr", _u8 * 16),
+        ("sport", _u16),
+        ("dport", _u16),
+        ("cap_len", _u16),
+        ("gso_segs", _u16),
+        ("tail", _u8 * CLV_TAIL_LEN),
+    ]
+
+
+class clv_port_key(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("ifindex", _u32),
+        ("port", _u16),
+        ("pad", _u16),
+    ]
+
+
+class clv_egress_key(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("ifindex", _u32),
+        ("port", _u16),
+        ("family", _u8),
+        ("pad", _u8),
+        ("addr", _u8 * 16),
+    ]
+
+
+class clv_match(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("proto", _u8),
+        ("egress", _u8),
+        ("pad", _u8 * 2),
+    ]
+
+
+class clv_settings(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("capture_bytes", _u32),
+        ("wakeup_bytes", _u32),
+    ]
+
+
+# Every structure of the header, for the layout tests.
+STRUCTS: tuple[type[ctypes.Structure], ...] = (
+    clv_segment,
+    clv_port_key,
+    clv_egress_key,
+    clv_match,
+    clv_settings,
+)
+
+# The fixed part of clv_segment, field for field (little-endian: BPF runs in
+# the host's byte order and every supported host is little-endian).
+SEGMENT_HEADER = struct.Struct("<8BQ4I16s16s4H16s")
+SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size
+
+
+class MalformedRecord(KernelError):
+    """A ring buffer record that is not a clv_segment as this ABI defines it."""
+
+
+# The Segment fields in the order _build_segment takes them.
+_SEGMENT_FIELDS = (
+    "ts_ns", "ifindex", "role", "direction", "protocol", "family", "saddr", "daddr",
+    "sport", "dport", "seq", "ack", "flags", "payload_len", "payload", "tail", "packets",
+)  # fmt: skip
+
+
+def _segment_builder() -> Callable[..., Segment]:
+    """A positional Segment constructor that bypasses the frozen ``__init__``.
+
+    A frozen dataclass sets each field through ``object.__setattr__``: about
+    2-3 µs for Segment's 17 fields here, twice the rest of the decoding.
+    Setting the slots through their descriptors gives the same object (same
+    type, equality, hash, immutability afterwards) in about a third of that.
+    Generated like dataclasses generates ``__init__``; if Segment's fields
+    ever differ from what the decoder fills, the ordinary constructor is used.
+    """
+    if tuple(f.name for f in dataclasses.fields(Segment)) != _SEGMENT_FIELDS or not hasattr(
+        Segment, "__slots__"
+    ):
+
+        def build(*values: object) -> Segment:
+            return Segment(**dict(zip(_SEGMENT_FIELDS, values, strict=True)))  # type: ignore[arg-type]
+
+        return build
+    params = ", ".join(_SEGMENT_FIELDS)
+    body = "".join(f"    _set_{name}(obj, {name})\n" for name in _SEGMENT_FIELDS)
+    source = f"def build({params}):\n    obj = _new(_cls)\n{body}    return obj\n"
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": Segment}
+    for name in _SEGMENT_FIELDS:
+        namespace[f"_set_{name}"] = getattr(Segment, name).__set__
+    exec(source, namespace)
+    built: Callable[..., Segment] = namespace["build"]
+    return built
+
+
+_build_segment = _segment_builder()
+
+# Enum members looked up by value once, not constructed per record.
+_DIRECTIONS = {d.value: d for d in Direction}
+_ROLES = {r.value: r for r in Role}
+_PROTOCOLS = {p.value: p for p in Protocol}
+_unpack = SEGMENT_HEADER.unpack_from
+
+
+def decode_segment(buf: bytes | bytearray | memoryview) -> Segment:
+    """Decode one ring buffer record; :class:`MalformedRecord` if it is not one.
+
+    Measured on this machine: about 1.3 µs per record (``tests/kernel/test_abi.py``
+    prints the figure), dominated by the frozen dataclass constructor.
+    """
+    size = len(buf)
+    if size < SEGMENT_HEADER_SIZE:
+        raise MalformedRecord(f"record of {size} bytes, header needs {SEGMENT_HEADER_SIZE}")
+    (
+        rtype, rdir, role, proto, family, flags, _hook, tail_len,
+        ts_ns, ifindex, seq, ack, payload_len,
+        saddr, daddr, sport, dport, cap_len, gso_segs, tail,
+    ) = _unpack(buf)  # fmt: skip
+    if rtype != CLV_EV_SEGMENT:
+        raise MalformedRecord(f"record type {rtype}, expected {CLV_EV_SEGMENT}")
+    end = SEGMENT_HEADER_SIZE + cap_len
+    if (
+        end > size
+        or cap_len > payload_len
+        or tail_len > CLV_TAIL_LEN
+        or rdir not in _DIRECTIONS
+        or role not in _ROLES
+        or proto not in _PROTOCOLS
+    ):
+        raise MalformedRecord(
+            f"inconsistent record: size={size} cap_len={cap_len} payload_len={payload_len}"
+            f" tail_len={tail_len} dir={rdir} role={role} proto={proto}"
+        )
+    if family == 4:
+        saddr = saddr[:4]
+        daddr = daddr[:4]
+    elif family != 6:
+        raise MalformedRecord(f"address family {family}")
+    return _build_segment(
+        ts_ns, ifindex, _ROLES[role], _DIRECTIONS[rdir], _PROTOCOLS[proto], family,
+        saddr, daddr, sport, dport, seq, ack, flags, payload_len,
+        bytes(buf[SEGMENT_HEADER_SIZE:end]),
+        tail[:tail_len] if tail_len else b"",
+        gso_segs or 1,
+    )  # fmt: skip

@@ -1,0 +1,168 @@
+"""One human-readable line per session, for `clovisor --console` and demos.
+
+Formatted from the span's attributes alone, so the console takes the same
+batches as every other exporter. Wire-derived text is escaped: a request
+target holding a newline or an ANSI escape must not forge log lines or
+repaint the operator's terminal.
+"""
+
+from __future__ import annotations
+
+import http
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Final, TextIO
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind
+from opentelemetry.util.types import AttributeValue
+
+from clovisor.export import ExportError
+
+__all__ = ["ConsoleExporter", "format_span"]
+
+# The console shows the standard phrase; the reason a server actually sent is
+# not a semconv attribute and is rarely anything but the standard one.
+_PHRASES: Final = {int(s): s.phrase for s in http.HTTPStatus}
+_KINDS: Final = {SpanKind.SERVER: "SERVER", SpanKind.CLIENT: "CLIENT"}
+
+
+def _escape(s: str) -> str:
+    if s.isprintable():
+        return s
+    out = []
+    for ch in s:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            cp = ord(ch)
+            out.append(f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}")
+    return "".join(out)
+
+
+def _size(n: int) -> str:
+    # Decimal units, as network people count bytes.
+    if n < 1000:
+        return f"{n}B"
+    if n < 1_000_000:
+        return f"{n / 1e3:.1f}kB"
+    if n < 1_000_000_000:
+        return f"{n / 1e6:.1f}MB"
+    return f"{n / 1e9:.1f}GB"
+
+
+def _duration(ns: int) -> str:
+    if ns < 1_000_000:
+        return f"{ns / 1e3:.0f}us"
+    if ns < 1_000_000_000:
+        return f"{ns / 1e6:.1f}ms"
+    return f"{ns / 1e9:.2f}s"
+
+
+def _timestamp(ns: int) -> str:
+    sec, rem = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{rem // 1_000_000:03d}Z"
+
+
+def _endpoint(attrs: Mapping[str, AttributeValue], prefix: str) -> str:
+    addr = attrs.get(prefix + ".address")
+    port = attrs.get(prefix + ".port")
+    if addr is None:
+        return "?"
+    host = f"[{addr}]" if ":" in str(addr) else str(addr)
+    return f"{host}:{port}" if port is not None else host
+
+
+def _int(attrs: Mapping[str, AttributeValue], key: str) -> int:
+    value = attrs.get(key)
+    return value if isinstance(value, int) else 0
+
+
+def format_span(span: ReadableSpan) -> str:
+    """The console line for one span, without the trailing newline."""
+    attrs = span.attributes or {}
+    start = span.start_time or 0
+    end = span.end_time or start
+    parts = [_timestamp(start), _KINDS.get(span.kind, span.kind.name)]
+
+    if attrs.get("network.protocol.name") == "http":
+        method = attrs.get("http.request.method_original") or attrs.get("http.request.method")
+        if method is not None:
+            target = str(attrs.get("url.path", ""))
+            query = attrs.get("url.query")
+            if query is not None:
+                target += f"?{query}"
+            parts.append(_escape(str(method)))
+            parts.append(_escape(target) or "-")
+        else:
+            parts.append("(no request)")
+        version = attrs.get("network.protocol.version")
+        if version is not None:
+            parts.append(_escape(f"HTTP/{version}"))
+        parts.append("->")
+        code = attrs.get("http.response.status_code")
+        if isinstance(code, int):
+            parts.append(str(code))
+            phrase = _PHRASES.get(code)
+            if phrase:
+                parts.append(phrase)
+        else:
+            parts.append("(no response)")
+    else:
+        parts.append("TCP")
+
+    parts.append(_endpoint(attrs, "client"))
+    parts.append("->")
+    parts.append(_endpoint(attrs, "server"))
+    parts.append(_duration(end - start))
+    parts.append(
+        f"req {_int(attrs, 'clovisor.request.packets')}p/"
+        f"{_size(_int(attrs, 'clovisor.request.bytes'))}"
+    )
+    parts.append(
+        f"resp {_int(attrs, 'clovisor.response.packets')}p/"
+        f"{_size(_int(attrs, 'clovisor.response.bytes'))}"
+    )
+    outcome = attrs.get("clovisor.outcome")
+    if outcome is not None and outcome != "complete":
+        desc = span.status.description
+        parts.append(f"[{outcome}: {desc}]" if desc else f"[{outcome}]")
+    ctx = span.context
+    if ctx is not None:
+        parts.append(f"trace={ctx.trace_id:032x}")
+    return " ".join(parts)
+
+
+class ConsoleExporter:
+    """Writes one line per span to a text stream, flushing once per batch."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> None:
+        if not spans:
+            return
+        # Format outside the lock and write once: lines from concurrent
+        # batches never interleave, and one write is cheaper than many.
+        text = "".join(format_span(span) + "\n" for span in spans)
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError) as exc:  # ValueError: closed stream
+                raise ExportError(f"console export failed: {exc}") from exc
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # the stream's owner closed it already; nothing to flush

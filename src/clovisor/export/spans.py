@@ -144,8 +144,14 @@ def _clean(s: str) -> str:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
-        # Lone surrogates from a surrogateescape decode; protobuf would raise.
-        return s.encode("utf-8", "replace").decode("utf-8")
+        # Lone surrogates, typically raw bytes smuggled by a surrogateescape
+        # decode; protobuf would raise. Restore the bytes, so valid UTF-8
+        # sequences survive, and mark the rest with U+FFFD.
+        try:
+            raw = s.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = s.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "replace")
     return s
 
 

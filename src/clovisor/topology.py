@@ -105,7 +105,8 @@ def in_netns(name: str) -> Iterator[None]:
 
     ``name`` is a name under /run/netns or an absolute path to a netns file.
     Only this thread moves (setns affects the calling task), so other threads
-    keep their namespace; sockets, netlink requests and BPF attach-by-ifindex
+    keep their namespace (threads and processes started inside the block
+    inherit it); sockets, netlink requests and BPF attach-by-ifindex
     made inside the block act on ``name``.  Sockets keep the namespace they
     were created in after the block ends.
     """

@@ -414,3 +414,24 @@ def test_spans_encode_with_the_sdk_encoder() -> None:
     pb = req.resource_spans[0].scope_spans[0].spans
     assert [s.name for s in pb] == ["GET", "GET"]
     assert pb[1].status.code == 2
+
+
+@pytest.mark.parametrize(
+    ("tracestate", "expected"),
+    [
+        ("a=1,b=2", {"a": "1", "b": "2"}),
+        ("tenant@vendor=x, ,c=3", {"tenant@vendor": "x", "c": "3"}),
+        ("a=1,a=2", {}),  # duplicate keys: the whole header is invalid
+        ("A=1", {}),
+        ("a=1,bad", {}),
+        (",".join(f"k{i}=v" for i in range(33)), {}),  # more than 32 members
+    ],
+)
+def test_tracestate_is_parsed_quietly(
+    tracestate: str, expected: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    headers = (("traceparent", f"00-{TRACE}-{PARENT}-01"), ("tracestate", tracestate))
+    sp = span(session(request=request(headers=headers)))
+    assert sp.context is not None
+    assert dict(sp.context.trace_state) == expected
+    assert caplog.records == []  # hostile headers must not flood the log

@@ -235,6 +235,33 @@ def _b3_span_id(value: str) -> int | None:
     return sid or None
 
 
+# W3C tracestate member grammar (the SDK's TraceState.from_header has the
+# same rules but logs a warning per bad header: a hostile client could then
+# flood the agent's log at its request rate).
+_TRACESTATE_MEMBER_RE: Final = re.compile(
+    r"([a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+    r"=([\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e])"
+)
+_TRACESTATE_MAX_MEMBERS: Final = 32
+_TRACESTATE_MAX_LENGTH: Final = 8192
+
+
+def _parse_tracestate(value: str) -> TraceState | None:
+    """A valid tracestate, or None: W3C says drop it whole if any part is bad."""
+    if len(value) > _TRACESTATE_MAX_LENGTH:
+        return None
+    pairs: dict[str, str] = {}
+    for member in value.split(","):
+        member = member.strip(" \t")
+        if not member:
+            continue
+        m = _TRACESTATE_MEMBER_RE.fullmatch(member)
+        if m is None or m.group(1) in pairs or len(pairs) >= _TRACESTATE_MAX_MEMBERS:
+            return None
+        pairs[m.group(1)] = m.group(2)
+    return TraceState(list(pairs.items())) if pairs else None
+
+
 def _remote_parent(
     traceparent: str | None,
     tracestate: str | None,
@@ -257,9 +284,7 @@ def _remote_parent(
                 tid = int(tid_hex, 16)
                 sid = int(sid_hex, 16)
                 if tid and sid:
-                    state = None
-                    if tracestate:
-                        state = TraceState.from_header([tracestate])
+                    state = _parse_tracestate(tracestate) if tracestate else None
                     return tid, SpanContext(
                         tid,
                         sid,

@@ -13,7 +13,9 @@ from clovisor.export.spans import session_to_span
 
 # Monotonic -> wall: a fixed offset so expected times are exact.
 OFFSET = 1_795_000_000_000_000_000
-RESOURCE = Resource({"service.name": "web", "k8s.pod.name": "web-0", "k8s.namespace.name": "default"})
+RESOURCE = Resource(
+    {"service.name": "web", "k8s.pod.name": "web-0", "k8s.namespace.name": "default"}
+)
 
 
 def to_wall(mono_ns: int) -> int:

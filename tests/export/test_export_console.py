@@ -5,7 +5,7 @@ import io
 import pytest
 
 from clovisor.core.events import Outcome, Protocol, Role
-from clovisor.export import ExportError, Exporter
+from clovisor.export import Exporter, ExportError
 from clovisor.export.console import ConsoleExporter, format_span
 
 from .sessions import request, response, session, span
@@ -25,7 +25,9 @@ def test_line_for_a_get() -> None:
 
 
 def test_line_for_a_reset_without_response() -> None:
-    line = format_span(span(session(outcome=Outcome.RESET, response=None, response_packets=0, response_bytes=0)))
+    line = format_span(
+        span(session(outcome=Outcome.RESET, response=None, response_packets=0, response_bytes=0))
+    )
     assert " GET /index.html?x=1 HTTP/1.1 -> (no response) " in line
     assert "resp 0p/0B [reset: connection reset before response] trace=" in line
 
@@ -43,7 +45,10 @@ def test_line_for_ipv6_client_and_other_method() -> None:
         response_bytes=2_500_000,
     )
     line = format_span(span(s))
-    assert " CLIENT PROPFIND /dav HTTP/1.1 -> 599 [fd00:200::2]:51234 -> [fd00:200::1]:80 1.50s " in line
+    assert (
+        " CLIENT PROPFIND /dav HTTP/1.1 -> 599 [fd00:200::2]:51234 -> [fd00:200::1]:80 1.50s "
+        in line
+    )
     assert "resp 2p/2.5MB trace=" in line
 
 

@@ -159,8 +159,14 @@ def sdk_span(**kwargs: Any) -> ReadableSpan:
         [span()],
         [span(session(outcome=Outcome.TIMEOUT, response=None)), span(session(role=Role.CLIENT))],
         # Equal resources held in distinct objects share one ResourceSpans.
-        [span(resource=Resource({"service.name": "a"})), span(resource=Resource({"service.name": "a"}))],
-        [span(resource=Resource({"service.name": "a"})), span(resource=Resource({"service.name": "b"}))],
+        [
+            span(resource=Resource({"service.name": "a"})),
+            span(resource=Resource({"service.name": "a"})),
+        ],
+        [
+            span(resource=Resource({"service.name": "a"})),
+            span(resource=Resource({"service.name": "b"})),
+        ],
         [
             sdk_span(
                 attributes={
@@ -176,7 +182,7 @@ def sdk_span(**kwargs: Any) -> ReadableSpan:
                     "mixed": ["a", "b"],
                     "bytes": b"\x00\xff",
                     "": "no key",
-                    "unicode": "caf\u00e9 \u2603 \"quoted\" \\",
+                    "unicode": 'caf\u00e9 \u2603 "quoted" \\',
                 },
                 resource=Resource({"service.name": "x", "n": 1}, schema_url="https://r"),
                 instrumentation_scope=InstrumentationScope("s", "1", "https://s"),

@@ -84,7 +84,7 @@ responses = st.builds(
 @st.composite
 def sessions(draw: st.DrawFn) -> Session:
     family = draw(st.sampled_from([4, 6]))
-    addr = st.ip_addresses(v=family).map(str)
+    addr = st.ip_addresses(v=4 if family == 4 else 6).map(str)
     start = draw(st.integers(0, 2**62))
     return Session(
         role=draw(st.sampled_from(Role)),

@@ -245,7 +245,10 @@ def test_repeated_header_becomes_multi_value() -> None:
     [
         ("x=1", "x=1"),
         ("token=abc&x=1", "token=REDACTED&x=1"),
-        ("X-Amz-Signature=ff&X-Amz-Credential=k&a=b", "X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&a=b"),
+        (
+            "X-Amz-Signature=ff&X-Amz-Credential=k&a=b",
+            "X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&a=b",
+        ),
         ("access%5Ftoken=abc", "access%5Ftoken=REDACTED"),
         ("token=", "token="),
         ("flag&key=v", "flag&key=REDACTED"),
@@ -259,14 +262,15 @@ def test_redact_query(query: str, expected: str) -> None:
 def test_credentials_never_reach_url_attributes() -> None:
     s = session(
         role=Role.CLIENT,
-        request=request(
-            "GET", "http://user:pw@proxy.example/a;jsessionid=S3CRET?api_key=K3Y&x=1"
-        ),
+        request=request("GET", "http://user:pw@proxy.example/a;jsessionid=S3CRET?api_key=K3Y&x=1"),
     )
     a = attrs_of(span(s))
     assert a["url.path"] == "/a;jsessionid=REDACTED"
     assert a["url.query"] == "api_key=REDACTED&x=1"
-    assert a["url.full"] == "http://REDACTED:REDACTED@proxy.example/a;jsessionid=REDACTED?api_key=REDACTED&x=1"
+    assert (
+        a["url.full"]
+        == "http://REDACTED:REDACTED@proxy.example/a;jsessionid=REDACTED?api_key=REDACTED&x=1"
+    )
     assert not any(s in str(v) for v in a.values() for s in ("pw", "S3CRET", "K3Y"))
 
 
@@ -393,7 +397,7 @@ def test_invalid_traceparent_is_ignored(value: str) -> None:
 def test_ids_are_never_zero() -> None:
     gen = FastIdGenerator(seed=3)
     draws = iter([0, 0, 5])
-    gen._bits = lambda _n: next(draws)  # type: ignore[method-assign]
+    gen._bits = lambda _n: next(draws)
     assert gen.generate_trace_id() == 5
     draws = iter([0, 9])
     assert gen.generate_span_id() == 9

@@ -8,6 +8,7 @@ repaint the operator's terminal.
 
 from __future__ import annotations
 
+import contextlib
 import http
 import threading
 import time
@@ -162,7 +163,6 @@ class ConsoleExporter:
             if self._closed:
                 return
             self._closed = True
-            try:
+            # The stream's owner may have closed it already: nothing to flush.
+            with contextlib.suppress(OSError, ValueError):
                 self._stream.flush()
-            except (OSError, ValueError):
-                pass  # the stream's owner closed it already; nothing to flush

@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
-from clovisor.export import ExportError, ExporterConfigError
+from clovisor.export import ExporterConfigError, ExportError
 
 __all__ = [
     "OtlpJsonExporter",
@@ -316,13 +316,15 @@ def spans_to_otlp_json(spans: Sequence[ReadableSpan]) -> str:
                 groups.append((resource, scopes))
             by_resource_id[id(resource)] = scopes
         scope = span.instrumentation_scope or None
-        for known_scope, scope_spans in scopes:
+        target: list[str] | None = None
+        for known_scope, known_spans in scopes:
             if known_scope is scope or known_scope == scope:
+                target = known_spans
                 break
-        else:
-            scope_spans = []
-            scopes.append((scope, scope_spans))
-        scope_spans.append(_span_json(span))
+        if target is None:
+            target = []
+            scopes.append((scope, target))
+        target.append(_span_json(span))
 
     if not groups:
         return "{}"
@@ -336,13 +338,23 @@ def spans_to_otlp_json(spans: Sequence[ReadableSpan]) -> str:
                 else ""
             )
             scope_list.append(
-                '{"scope":' + _scope_json(scope) + ',"spans":[' + ",".join(scope_spans) + "]"
-                + schema + "}"
+                '{"scope":'
+                + _scope_json(scope)
+                + ',"spans":['
+                + ",".join(scope_spans)
+                + "]"
+                + schema
+                + "}"
             )
         schema = ',"schemaUrl":' + _q(resource.schema_url) if resource.schema_url else ""
         resource_spans.append(
-            '{"resource":' + _cached_resource_json(resource)
-            + ',"scopeSpans":[' + ",".join(scope_list) + "]" + schema + "}"
+            '{"resource":'
+            + _cached_resource_json(resource)
+            + ',"scopeSpans":['
+            + ",".join(scope_list)
+            + "]"
+            + schema
+            + "}"
         )
     return '{"resourceSpans":[' + ",".join(resource_spans) + "]}"
 
@@ -390,8 +402,7 @@ class OtlpJsonExporter:
                     self._stream = open(target, "a", encoding="utf-8")  # noqa: SIM115
                 except OSError as exc:
                     raise ExporterConfigError(
-                        f"cannot open OTLP/JSON output {os.fspath(target)!r}: "
-                        f"{exc.strerror or exc}"
+                        f"cannot open OTLP/JSON output {os.fspath(target)!r}: {exc.strerror or exc}"
                     ) from exc
                 self._owned = True
         else:

@@ -32,7 +32,7 @@ from opentelemetry.trace.status import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from clovisor import __version__
-from clovisor.core.events import HttpRequest, Outcome, Protocol, Role, Session
+from clovisor.core.events import Outcome, Protocol, Role, Session
 
 __all__ = [
     "DEFAULT_SENSITIVE_QUERY_KEYS",
@@ -469,9 +469,8 @@ def session_to_span(
             host = authority or (_clean(host_header) if host_header else None)
             if not host:
                 host = _hostport(server_addr, session.server_port)
-            attrs["url.full"] = (
-                f"{scheme or 'http'}://{_redact_authority(host)}{path}"
-                + (f"?{query}" if query else "")
+            attrs["url.full"] = f"{scheme or 'http'}://{_redact_authority(host)}{path}" + (
+                f"?{query}" if query else ""
             )
     attrs["network.transport"] = "tcp"
     family = session.family

@@ -80,6 +80,7 @@ struct {
 
 /* The parsed facts of one TCP segment. */
 struct clv_pkt {
+	__u64 l3head;      /* first 8 bytes of the network header */
 	__u32 saddr[4];
 	__u32 daddr[4];
 	__u32 seq;         /* network byte order */
@@ -112,26 +113,49 @@ static __always_inline void count(__u32 idx)
 		*v += 1;
 }
 
+/* Headers: relative to the network header, which works with or without an
+ * L2 header (veth, lo, tun).  It reads the linear part only, where the
+ * stack keeps the headers. */
 static __always_inline int load_net(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
 {
 	return bpf_skb_load_bytes_relative(skb, off, to, len, BPF_HDR_START_NET);
 }
 
 /*
- * The L3 length when the IP length field is 0: a BIG TCP GSO/GRO packet
- * (> 64 KiB).  The network offset is not in __sk_buff, so assume an Ethernet
- * header when the bytes at skb->data look like one (veth and physical
- * NICs), none otherwise (tun, wireguard).
+ * Payload is another matter: TCP puts it in page fragments, which only
+ * bpf_skb_load_bytes() reads, with offsets from skb->data.  __sk_buff does
+ * not say where the network header is from there, so look for it: the
+ * network header's first 8 bytes right after an Ethernet header (veth,
+ * NICs, lo), else at skb->data itself (L3 devices: tun, wireguard).  -1:
+ * not found, payload then comes from the linear part only.
  */
-static __always_inline __u32 big_l3_len(struct __sk_buff *skb)
+static __always_inline int find_net_off(struct __sk_buff *skb, __u64 l3head)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 
-	if (data + sizeof(*eth) <= end && eth->h_proto == skb->protocol)
-		return skb->len - sizeof(*eth);
-	return skb->len;
+	if (data + ETH_HLEN + 8 <= end && *(__u64 *)(data + ETH_HLEN) == l3head)
+		return ETH_HLEN;
+	if (data + 8 <= end && *(__u64 *)data == l3head)
+		return 0;
+	return -1;
+}
+
+static __always_inline int load_l3(struct __sk_buff *skb, int net_off, __u32 off, void *to,
+				   __u32 len)
+{
+	if (net_off >= 0)
+		return bpf_skb_load_bytes(skb, net_off + off, to, len);
+	return load_net(skb, off, to, len);
+}
+
+/* The L3 length when the IP length field is 0: a BIG TCP GSO/GRO packet
+ * (> 64 KiB); 0 (malformed) if the network header cannot be found. */
+static __always_inline __u32 big_l3_len(struct __sk_buff *skb, __u64 l3head)
+{
+	int net_off = find_net_off(skb, l3head);
+
+	return net_off < 0 ? 0 : skb->len - net_off;
 }
 
 static __always_inline int parse_tcp(struct __sk_buff *skb, struct clv_pkt *p, __u32 l4off,
@@ -172,9 +196,10 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct clv_pkt *p)
 	/* a non-first fragment carries no TCP header */
 	if (ih.frag_off & bpf_htons(0x1fff))
 		return CLV_PARSE_SKIP;
+	__builtin_memcpy(&p->l3head, &ih, sizeof(p->l3head));
 	l3len = bpf_ntohs(ih.tot_len);
 	if (l3len == 0 && skb->gso_segs > 1)
-		l3len = big_l3_len(skb);
+		l3len = big_l3_len(skb, p->l3head);
 	p->family = 4;
 	p->saddr[0] = ih.saddr;
 	p->daddr[0] = ih.daddr;
@@ -222,8 +247,9 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct clv_pkt *p)
 	}
 	if (next != IPPROTO_TCP)
 		return CLV_PARSE_SKIP; /* more extension headers than we walk */
+	__builtin_memcpy(&p->l3head, &ih, sizeof(p->l3head));
 	l3len = bpf_ntohs(ih.payload_len);
-	l3len = l3len ? l3len + sizeof(ih) : big_l3_len(skb);
+	l3len = l3len ? l3len + sizeof(ih) : big_l3_len(skb, p->l3head);
 	p->family = 6;
 	__builtin_memcpy(p->saddr, &ih.saddr, 16);
 	__builtin_memcpy(p->daddr, &ih.daddr, 16);
@@ -315,6 +341,7 @@ static __always_inline int capture(struct __sk_buff *skb, struct clv_pkt *p,
 	 * register */
 	__u64 cap = settings.capture_bytes;
 	__u64 n = p->payload_len, t;
+	int net_off = find_net_off(skb, p->l3head);
 
 	if (cap > CLV_CAPTURE_MAX)
 		cap = CLV_CAPTURE_MAX;
@@ -326,7 +353,7 @@ static __always_inline int capture(struct __sk_buff *skb, struct clv_pkt *p,
 	barrier_var(n);
 	if (n > CLV_CAPTURE_MAX)
 		return -1;
-	if (n > 0 && load_net(skb, p->payload_off, s->data, n))
+	if (n > 0 && load_l3(skb, net_off, p->payload_off, s->data, n))
 		return -1;
 	if (p->payload_len > n) {
 		t = p->payload_len - n;
@@ -335,7 +362,7 @@ static __always_inline int capture(struct __sk_buff *skb, struct clv_pkt *p,
 		barrier_var(t);
 		if (t == 0 || t > CLV_TAIL_LEN)
 			return -1;
-		if (load_net(skb, p->payload_off + p->payload_len - t, s->hdr.tail, t))
+		if (load_l3(skb, net_off, p->payload_off + p->payload_len - t, s->hdr.tail, t))
 			return -1;
 		s->hdr.tail_len = t;
 	}

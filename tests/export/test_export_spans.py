@@ -250,6 +250,8 @@ def test_repeated_header_becomes_multi_value() -> None:
             "X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&a=b",
         ),
         ("access%5Ftoken=abc", "access%5Ftoken=REDACTED"),
+        ("%41ccess_token=abc", "%41ccess_token=REDACTED"),
+        ("a=1;Token=abc&b=2", "a=1;Token=REDACTED&b=2"),
         ("token=", "token="),
         ("flag&key=v", "flag&key=REDACTED"),
         ("", ""),

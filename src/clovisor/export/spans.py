@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from typing import Final
+from urllib.parse import unquote_plus
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -107,6 +108,7 @@ _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 
 _TRACEPARENT_RE: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _B3_ID_RE: Final = re.compile(r"[0-9a-fA-F]{16}|[0-9a-fA-F]{32}")
+_QUERY_SPLIT_RE: Final = re.compile(r"([&;])")
 _JSESSIONID_RE: Final = re.compile(r"(;jsessionid=)[^/;?]*", re.IGNORECASE)
 
 # Outcome -> (error.type, description without a response, with a partial one).
@@ -159,24 +161,23 @@ def redact_query(query: str, keys: frozenset[str] = DEFAULT_SENSITIVE_QUERY_KEYS
     """Replace the values of credential-bearing query parameters by REDACTED.
 
     Keeps everything else byte-for-byte, so the query stays recognisable.
+    Splits on ``;`` as well as ``&``: some servers accept both.
     """
     if "=" not in query:
         return query
-    parts = query.split("&")
+    # Odd indices hold the separators, so joining restores the original.
+    parts = _QUERY_SPLIT_RE.split(query)
     changed = False
-    for i, part in enumerate(parts):
-        name, eq, value = part.partition("=")
+    for i in range(0, len(parts), 2):
+        name, eq, value = parts[i].partition("=")
         if not eq or not value:
             continue
-        lname = name.lower()
-        if "%" in lname or "+" in lname:
-            from urllib.parse import unquote_plus
-
-            lname = unquote_plus(lname)
-        if lname in keys:
+        # Decode first: "%41ccess_token" must match too.
+        name_key = (unquote_plus(name) if "%" in name or "+" in name else name).lower()
+        if name_key in keys:
             parts[i] = name + "=" + _REDACTED
             changed = True
-    return "&".join(parts) if changed else query
+    return "".join(parts) if changed else query
 
 
 def _redact_path(path: str) -> str:

@@ -435,12 +435,24 @@ def list_hooks(ifindex: int | str) -> list[Hook]:
 
 # --- ownership of a clsact qdisc across restarts -------------------------------------------
 # A killed agent cannot remember that it created a qdisc, so a marker file in
-# /run (cleared at boot) says so; the interface name in it guards against
-# ifindex reuse.
+# /run (cleared at boot) says so.  It is keyed by the namespace's cookie, which
+# unlike its inode number is never reused, and holds the interface name as a
+# guard against ifindex reuse.
+
+_SO_NETNS_COOKIE = 71
+
+
+def _netns_key() -> str:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            cookie = struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8))[0]
+        return f"netns{cookie}"
+    except OSError:  # Linux < 5.14
+        return f"netnsino{_thread_netns_ino()}"
 
 
 def _marker(ifindex: int) -> Path:
-    return STATE_DIR / "clsact" / f"netns{_thread_netns_ino()}-if{ifindex}"
+    return STATE_DIR / "clsact" / f"{_netns_key()}-if{ifindex}"
 
 
 def _mark_created(ifindex: int, ifname: str) -> None:
@@ -465,7 +477,7 @@ def _unmark(ifindex: int) -> None:
 
 
 def _prune_markers() -> None:
-    prefix = f"netns{_thread_netns_ino()}-if"
+    prefix = f"{_netns_key()}-if"
     with contextlib.suppress(OSError):
         for path in (STATE_DIR / "clsact").iterdir():
             if not path.name.startswith(prefix):

@@ -76,10 +76,16 @@ def tcx_attached(obj: BpfObject, netns: str, ifindex: int) -> Iterator[None]:
         # the ifindex is resolved in the calling thread's namespace; the link
         # then lives as long as its fd, wherever the thread goes
         with in_netns(netns):
-            for prog, hook in (("clv_tc_ingress", BPF_TCX_INGRESS),
-                               ("clv_tc_egress", BPF_TCX_EGRESS)):
-                links.append(libbpf.check(_link_create(obj.prog_fd(prog), ifindex, hook, None),
-                                          f"bpf_link_create({prog}, ifindex {ifindex})"))
+            for prog, hook in (
+                ("clv_tc_ingress", BPF_TCX_INGRESS),
+                ("clv_tc_egress", BPF_TCX_EGRESS),
+            ):
+                links.append(
+                    libbpf.check(
+                        _link_create(obj.prog_fd(prog), ifindex, hook, None),
+                        f"bpf_link_create({prog}, ifindex {ifindex})",
+                    )
+                )
         yield
     finally:
         for fd in links:
@@ -90,7 +96,7 @@ def tcx_attached(obj: BpfObject, netns: str, ifindex: int) -> Iterator[None]:
 
 
 class _TestRunOpts(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 - ctypes reads it from the class
+    _fields_ = [
         ("sz", ctypes.c_size_t),
         ("data_in", ctypes.c_void_p),
         ("data_out", ctypes.c_void_p),

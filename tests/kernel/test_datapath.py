@@ -11,9 +11,11 @@ Two kinds of tests:
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,29 +43,75 @@ PROTO_TCP, PROTO_UDP = 6, 17
 NH_HOP, NH_ROUTING, NH_FRAG, NH_DSTOPTS = 0, 43, 44, 60
 
 
-def tcp(sport: int, dport: int, payload: bytes = b"", *, seq: int = 1000, ack: int = 2000,
-        flags: int = ACK | PSH, options: bytes = b"", doff: int | None = None) -> bytes:
+def tcp(
+    sport: int,
+    dport: int,
+    payload: bytes = b"",
+    *,
+    seq: int = 1000,
+    ack: int = 2000,
+    flags: int = ACK | PSH,
+    options: bytes = b"",
+    doff: int | None = None,
+) -> bytes:
     hlen = 20 + len(options)
     doff = hlen // 4 if doff is None else doff
-    return struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, 65535, 0, 0) \
-        + options + payload
+    return (
+        struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, 65535, 0, 0)
+        + options
+        + payload
+    )
 
 
-def ipv4(l4: bytes, *, src: str = CLIENT4, dst: str = SERVER4, proto: int = PROTO_TCP,
-         options: bytes = b"", frag: int = 0, tot_len: int | None = None,
-         ihl: int | None = None) -> bytes:
+def ipv4(
+    l4: bytes,
+    *,
+    src: str = CLIENT4,
+    dst: str = SERVER4,
+    proto: int = PROTO_TCP,
+    options: bytes = b"",
+    frag: int = 0,
+    tot_len: int | None = None,
+    ihl: int | None = None,
+) -> bytes:
     hlen = 20 + len(options)
     ihl = hlen // 4 if ihl is None else ihl
     total = hlen + len(l4) if tot_len is None else tot_len
-    return struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 1, frag, 64, proto, 0,
-                       socket.inet_aton(src), socket.inet_aton(dst)) + options + l4
+    return (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x40 | ihl,
+            0,
+            total,
+            1,
+            frag,
+            64,
+            proto,
+            0,
+            socket.inet_aton(src),
+            socket.inet_aton(dst),
+        )
+        + options
+        + l4
+    )
 
 
-def ipv6(l4: bytes, *, src: str = CLIENT6, dst: str = SERVER6, nexthdr: int = PROTO_TCP,
-         ext: bytes = b"") -> bytes:
-    return struct.pack("!IHBB16s16s", 0x60000000, len(ext) + len(l4), nexthdr, 64,
-                       socket.inet_pton(socket.AF_INET6, src),
-                       socket.inet_pton(socket.AF_INET6, dst)) + ext + l4
+def ipv6(
+    l4: bytes, *, src: str = CLIENT6, dst: str = SERVER6, nexthdr: int = PROTO_TCP, ext: bytes = b""
+) -> bytes:
+    return (
+        struct.pack(
+            "!IHBB16s16s",
+            0x60000000,
+            len(ext) + len(l4),
+            nexthdr,
+            64,
+            socket.inet_pton(socket.AF_INET6, src),
+            socket.inet_pton(socket.AF_INET6, dst),
+        )
+        + ext
+        + l4
+    )
 
 
 def ext_opts(nexthdr: int, units: int = 0) -> bytes:
@@ -82,8 +130,12 @@ def ext_frag(nexthdr: int, offset: int, more: bool) -> bytes:
 
 
 def ether(l3: bytes, ethertype: int, pad_to: int = 0) -> bytes:
-    frame = b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" \
-        + struct.pack("!H", ethertype) + l3
+    frame = (
+        b"\x02\x00\x00\x00\x00\x02"
+        + b"\x02\x00\x00\x00\x00\x01"
+        + struct.pack("!H", ethertype)
+        + l3
+    )
     # real Ethernet padding is zeros; garbage here proves it is never read as payload
     return frame + b"\xee" * max(0, pad_to - len(frame))
 
@@ -123,21 +175,28 @@ def rig(bpf_object: Factory) -> Iterator[Rig]:
 def test_ipv4_request_is_reported(rig: Rig) -> None:
     payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     [seg] = rig.run(eth4(ipv4(tcp(40000, 8080, payload, seq=0xFFFFFFFF, ack=7))))
-    assert (seg.direction, seg.role, seg.protocol) == (Direction.REQUEST, Role.SERVER,
-                                                       Protocol.HTTP)
-    assert (seg.family, seg.saddr, seg.daddr) == (4, socket.inet_aton(CLIENT4),
-                                                  socket.inet_aton(SERVER4))
+    assert (seg.direction, seg.role, seg.protocol) == (
+        Direction.REQUEST,
+        Role.SERVER,
+        Protocol.HTTP,
+    )
+    assert (seg.family, seg.saddr, seg.daddr) == (
+        4,
+        socket.inet_aton(CLIENT4),
+        socket.inet_aton(SERVER4),
+    )
     assert (seg.sport, seg.dport, seg.seq, seg.ack) == (40000, 8080, 0xFFFFFFFF, 7)
     assert seg.flags == ACK | PSH
-    assert (seg.payload_len, seg.payload, seg.tail, seg.packets) == (len(payload), payload,
-                                                                     b"", 1)
+    assert (seg.payload_len, seg.payload, seg.tail, seg.packets) == (len(payload), payload, b"", 1)
     assert seg.ifindex == LO
     assert seg.ts_ns <= time.monotonic_ns()
 
 
 def test_response_direction_from_source_port(rig: Rig) -> None:
-    [seg] = rig.run(eth4(ipv4(tcp(8080, 40000, b"HTTP/1.1 200 OK\r\n"), src=SERVER4,
-                              dst=CLIENT4)), hook="clv_tc_egress")
+    [seg] = rig.run(
+        eth4(ipv4(tcp(8080, 40000, b"HTTP/1.1 200 OK\r\n"), src=SERVER4, dst=CLIENT4)),
+        hook="clv_tc_egress",
+    )
     assert (seg.direction, seg.role, seg.sport) == (Direction.RESPONSE, Role.SERVER, 8080)
 
 
@@ -178,15 +237,21 @@ def test_ipv4_fragments(rig: Rig) -> None:
 def test_ipv6_plain(rig: Rig) -> None:
     [seg] = rig.run(eth6(ipv6(tcp(40000, 8080, b"GET / HTTP/1.1\r\n"))))
     assert (seg.family, seg.saddr, seg.daddr) == (
-        6, socket.inet_pton(socket.AF_INET6, CLIENT6), socket.inet_pton(socket.AF_INET6, SERVER6))
+        6,
+        socket.inet_pton(socket.AF_INET6, CLIENT6),
+        socket.inet_pton(socket.AF_INET6, SERVER6),
+    )
     assert seg.payload == b"GET / HTTP/1.1\r\n"
 
 
 def test_ipv6_extension_headers_are_walked(rig: Rig) -> None:
-    ext = ext_opts(NH_ROUTING, 1) + ext_routing(NH_DSTOPTS) + ext_opts(NH_FRAG) \
+    ext = (
+        ext_opts(NH_ROUTING, 1)
+        + ext_routing(NH_DSTOPTS)
+        + ext_opts(NH_FRAG)
         + ext_frag(PROTO_TCP, 0, more=True)
-    [seg] = rig.run(eth6(ipv6(tcp(40000, 8080, b"behind four headers"), nexthdr=NH_HOP,
-                              ext=ext)))
+    )
+    [seg] = rig.run(eth6(ipv6(tcp(40000, 8080, b"behind four headers"), nexthdr=NH_HOP, ext=ext)))
     assert (seg.payload_len, seg.payload) == (19, b"behind four headers")
 
 
@@ -194,8 +259,13 @@ def test_ipv6_non_first_fragment_and_other_protocols_are_skipped(rig: Rig) -> No
     later = eth6(ipv6(b"x" * 40, nexthdr=NH_FRAG, ext=ext_frag(PROTO_TCP, 8, more=False)))
     udp = eth6(ipv6(struct.pack("!HHHH", 40000, 8080, 8, 0), nexthdr=PROTO_UDP))
     udp4 = eth4(ipv4(struct.pack("!HHHH", 40000, 8080, 8, 0), proto=PROTO_UDP))
-    too_deep = eth6(ipv6(tcp(40000, 8080, b"x"), nexthdr=NH_DSTOPTS,
-                         ext=b"".join(ext_opts(NH_DSTOPTS) for _ in range(6)) + ext_opts(6)))
+    too_deep = eth6(
+        ipv6(
+            tcp(40000, 8080, b"x"),
+            nexthdr=NH_DSTOPTS,
+            ext=b"".join(ext_opts(NH_DSTOPTS) for _ in range(6)) + ext_opts(6),
+        )
+    )
     for frame in (later, udp, udp4, too_deep):
         assert rig.run(frame) == []
     assert rig.obj.counters()["malformed"] == 0
@@ -213,8 +283,16 @@ def test_ipv6_non_first_fragment_and_other_protocols_are_skipped(rig: Rig) -> No
         eth6(ipv6(tcp(40000, 8080, b"x"), nexthdr=NH_HOP, ext=b"\x06")),  # cut ext header
         eth4(bytes([0x60]) + ipv4(tcp(40000, 8080, b"x"))[1:]),  # version 6 as IPv4
     ],
-    ids=["ihl", "doff", "short-tot-len", "long-tot-len", "cut-tcp", "cut-tcp6", "cut-ext",
-         "version"],
+    ids=[
+        "ihl",
+        "doff",
+        "short-tot-len",
+        "long-tot-len",
+        "cut-tcp",
+        "cut-tcp6",
+        "cut-ext",
+        "version",
+    ],
 )
 def test_malformed_is_counted_not_reported(rig: Rig, frame: bytes) -> None:
     assert rig.run(frame) == []
@@ -244,8 +322,13 @@ def test_unconfigured_port_and_interface_cost_nothing(rig: Rig) -> None:
     assert rig.run(eth4(ipv4(tcp(40000, 9090, b"GET /")))) == []
     rig.obj.set_server_port(LO + 1000, 9090, Protocol.HTTP)  # same port, other interface
     assert rig.run(eth4(ipv4(tcp(40000, 9090, b"GET /")))) == []
-    assert rig.obj.counters() == {"packets": 2, "matched": 0, "events": 0, "lost": 0,
-                                  "malformed": 0}
+    assert rig.obj.counters() == {
+        "packets": 2,
+        "matched": 0,
+        "events": 0,
+        "lost": 0,
+        "malformed": 0,
+    }
 
 
 def test_egress_rules(rig: Rig) -> None:
@@ -256,12 +339,18 @@ def test_egress_rules(rig: Rig) -> None:
     assert rig.run(request) == []  # another address only
     obj.set_egress(LO, 443, None, Protocol.HTTP)
     [seg] = rig.run(request)  # the any-address rule
-    assert (seg.direction, seg.role, seg.protocol) == (Direction.REQUEST, Role.CLIENT,
-                                                       Protocol.HTTP)
+    assert (seg.direction, seg.role, seg.protocol) == (
+        Direction.REQUEST,
+        Role.CLIENT,
+        Protocol.HTTP,
+    )
     obj.set_egress(LO, 443, ipaddress.ip_address(SERVER4), Protocol.TCP)
     [seg] = rig.run(response)  # the exact rule wins over the any rule
-    assert (seg.direction, seg.role, seg.protocol) == (Direction.RESPONSE, Role.CLIENT,
-                                                       Protocol.TCP)
+    assert (seg.direction, seg.role, seg.protocol) == (
+        Direction.RESPONSE,
+        Role.CLIENT,
+        Protocol.TCP,
+    )
     assert obj.remove_egress(LO, 443, None)
     assert not obj.remove_egress(LO, 443, None)
     [seg] = rig.run(request)  # the SERVER4 rule still matches, through the v4 bit
@@ -330,11 +419,15 @@ def test_per_packet_cost(bpf_object: Factory, capsys: pytest.CaptureFixture[str]
     }
     results = {}
     for name, frame in cases.items():
-        results[name] = min(test_run(obj.prog_fd("clv_tc_ingress"), frame, repeat=20000)
-                            .duration_ns for _ in range(3))
+        results[name] = min(
+            test_run(obj.prog_fd("clv_tc_ingress"), frame, repeat=20000).duration_ns
+            for _ in range(3)
+        )
     with capsys.disabled():
-        print("\nper-packet (BPF_PROG_TEST_RUN): "
-              + ", ".join(f"{k} {v} ns" for k, v in results.items()))
+        print(
+            "\nper-packet (BPF_PROG_TEST_RUN): "
+            + ", ".join(f"{k} {v} ns" for k, v in results.items())
+        )
     assert obj.counters()["lost"] == 0
     assert all(v < 5000 for v in results.values())
 
@@ -359,9 +452,22 @@ class Net:
 
     def curl(self, url: str, *extra: str) -> tuple[int, int]:
         """GET ``url`` from the client pod; (header bytes, body bytes)."""
-        out = self.topo.run(self.client, ["curl", "-sS", "-g", "--max-time", "20",
-                                          "-o", "/dev/null", "-w",
-                                          "%{size_header} %{size_download}", *extra, url])
+        out = self.topo.run(
+            self.client,
+            [
+                "curl",
+                "-sS",
+                "-g",
+                "--max-time",
+                "20",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_header} %{size_download}",
+                *extra,
+                url,
+            ],
+        )
         header, body = out.stdout.split()
         return int(header), int(body)
 
@@ -375,10 +481,21 @@ def net(kernel_ok: None, tmp_path: Path) -> Iterator[Net]:
     (docroot / "big.bin").write_bytes(os.urandom(2 * 1024 * 1024 + 123))
     with Topology(prefix="clvk", pods=("server", "client")) as topo:
         # own process group via Topology.spawn; stopped by pid in topo.close()
-        topo.spawn(topo.pods["server"].netns,
-                   [sys.executable, "-m", "http.server", str(SERVER_PORT), "--bind", "::",
-                    "--directory", str(docroot)],
-                   stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))  # noqa: SIM115
+        topo.spawn(
+            topo.pods["server"].netns,
+            [
+                sys.executable,
+                "-m",
+                "http.server",
+                str(SERVER_PORT),
+                "--bind",
+                "::",
+                "--directory",
+                str(docroot),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         pod = topo.pods["server"]
         # probe from inside the server pod: the probe never crosses the traced veth
         topo.wait_for_port(pod.netns, pod.ipv4, SERVER_PORT)
@@ -386,8 +503,9 @@ def net(kernel_ok: None, tmp_path: Path) -> Iterator[Net]:
         yield Net(topo, docroot)
 
 
-def collect(reader: RingReader, done: Callable[[list[Segment]], bool],
-            timeout: float = 5.0) -> list[Segment]:
+def collect(
+    reader: RingReader, done: Callable[[list[Segment]], bool], timeout: float = 5.0
+) -> list[Segment]:
     segments: list[Segment] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -399,10 +517,13 @@ def collect(reader: RingReader, done: Callable[[list[Segment]], bool],
 
 def flow_of(segments: list[Segment], request_prefix: bytes) -> list[Segment]:
     """The segments of the one connection whose request starts with ``request_prefix``."""
-    starts = [s for s in segments if s.direction == Direction.REQUEST
-              and s.payload.startswith(request_prefix)]
+    starts = [
+        s
+        for s in segments
+        if s.direction == Direction.REQUEST and s.payload.startswith(request_prefix)
+    ]
     assert len(starts) == 1, segments
-    port = starts[0].sport if starts[0].role == Role.SERVER else starts[0].sport
+    port = starts[0].sport  # the client's port, whichever side is traced
     return [s for s in segments if port in (s.sport, s.dport)]
 
 
@@ -427,7 +548,8 @@ def test_http_over_ipv4(net: Net, bpf_object: Factory) -> None:
     assert all(s.role == Role.SERVER and s.protocol == Protocol.HTTP for s in flow)
     client_addr = socket.inet_aton(net.topo.pods["client"].ipv4)
     assert {(s.saddr, s.daddr, s.dport) for s in req} == {
-        (client_addr, socket.inet_aton(pod.ipv4), SERVER_PORT)}
+        (client_addr, socket.inet_aton(pod.ipv4), SERVER_PORT)
+    }
     assert {s.sport for s in resp} == {SERVER_PORT}
     # the handshake, then data at ISN + 1 on each side
     syn = next(s for s in req if s.flags & SYN)
@@ -446,16 +568,16 @@ def test_http_over_ipv4(net: Net, bpf_object: Factory) -> None:
     assert counters["lost"] == counters["malformed"] == 0
 
 
-def test_large_response_prefix_tail_and_byte_accounting(net: Net, bpf_object: Factory,
-                                                        tmp_path: Path) -> None:
+def test_large_response_prefix_tail_and_byte_accounting(
+    net: Net, bpf_object: Factory, tmp_path: Path
+) -> None:
     cap = 128
     obj = bpf_object(capture_bytes=cap)
     pod = net.topo.pods["server"]
     obj.set_server_port(pod.host_ifindex, SERVER_PORT, Protocol.HTTP)
     headers_file = tmp_path / "headers"
     with RingReader(obj) as reader, tcx_attached(obj, net.topo.node_ns, pod.host_ifindex):
-        header, body = net.curl(f"http://{pod.ipv4}:{SERVER_PORT}/big.bin",
-                                "-D", str(headers_file))
+        header, body = net.curl(f"http://{pod.ipv4}:{SERVER_PORT}/big.bin", "-D", str(headers_file))
         segments = collect(reader, closed)
     stream = headers_file.read_bytes() + (net.docroot / "big.bin").read_bytes()
     assert len(stream) == header + body
@@ -474,10 +596,11 @@ def test_large_response_prefix_tail_and_byte_accounting(net: Net, bpf_object: Fa
         data[off] = s
     assert sum(s.payload_len for s in data.values()) == len(stream)
     offsets = sorted(data)
-    assert all(data[a].seq + data[a].payload_len == data[b].seq
-               for a, b in zip(offsets, offsets[1:], strict=False))
+    assert all(
+        data[a].seq + data[a].payload_len == data[b].seq for a, b in itertools.pairwise(offsets)
+    )
     last = data[offsets[-1]]
-    assert (last.payload + last.tail).endswith(stream[-min(last.payload_len, 16):])
+    assert (last.payload + last.tail).endswith(stream[-min(last.payload_len, 16) :])
     assert sum(len(s.tail) == 16 for s in data.values()) > len(data) // 2
     # GSO/GRO: fewer records than wire packets
     assert sum(s.packets for s in data.values()) >= len(data)
@@ -496,7 +619,8 @@ def test_http_over_ipv6(net: Net, bpf_object: Factory) -> None:
     client6 = ipaddress.IPv6Address(net.topo.pods["client"].ipv6).packed
     assert all(s.family == 6 for s in flow)
     assert {(s.saddr, s.daddr) for s in flow if s.direction == Direction.REQUEST} == {
-        (client6, server6)}
+        (client6, server6)
+    }
     resp = [s for s in flow if s.direction == Direction.RESPONSE and s.payload_len]
     assert resp[0].payload.startswith(b"HTTP/1.0 200 OK")
     assert sum(s.payload_len for s in resp) == header + body
@@ -505,16 +629,17 @@ def test_http_over_ipv6(net: Net, bpf_object: Factory) -> None:
 def test_egress_client_role(net: Net, bpf_object: Factory) -> None:
     obj = bpf_object()
     server, client = net.topo.pods["server"], net.topo.pods["client"]
-    obj.set_egress(client.host_ifindex, SERVER_PORT, ipaddress.ip_address(server.ipv4),
-                   Protocol.HTTP)
+    obj.set_egress(
+        client.host_ifindex, SERVER_PORT, ipaddress.ip_address(server.ipv4), Protocol.HTTP
+    )
     with RingReader(obj) as reader, tcx_attached(obj, net.topo.node_ns, client.host_ifindex):
         net.curl(f"http://{server.ipv4}:{SERVER_PORT}/small.txt")
         segments = collect(reader, closed)
     flow = flow_of(segments, b"GET /small.txt")
     assert {s.role for s in flow} == {Role.CLIENT}
-    assert {(s.direction, s.dport if s.direction == Direction.REQUEST else s.sport)
-            for s in flow} == {(Direction.REQUEST, SERVER_PORT),
-                               (Direction.RESPONSE, SERVER_PORT)}
+    assert {
+        (s.direction, s.dport if s.direction == Direction.REQUEST else s.sport) for s in flow
+    } == {(Direction.REQUEST, SERVER_PORT), (Direction.RESPONSE, SERVER_PORT)}
 
 
 def test_unconfigured_port_produces_nothing(net: Net, bpf_object: Factory) -> None:
@@ -536,7 +661,7 @@ def test_lost_records_are_counted(net: Net, bpf_object: Factory) -> None:
     pod = net.topo.pods["server"]
     obj.set_server_port(pod.host_ifindex, SERVER_PORT, Protocol.HTTP)
     with tcx_attached(obj, net.topo.node_ns, pod.host_ifindex):
-        header, body = net.curl(f"http://{pod.ipv4}:{SERVER_PORT}/big.bin")
+        _header, body = net.curl(f"http://{pod.ipv4}:{SERVER_PORT}/big.bin")
     assert body == 2 * 1024 * 1024 + 123
     counters = obj.counters()
     assert counters["lost"] > 0

@@ -65,7 +65,7 @@ _u32 = ctypes.c_uint32
 _u64 = ctypes.c_uint64
 
 
-class clv_segment(ctypes.Structure):  # noqa: N801 - the C name
+class clv_segment(ctypes.Structure):
     _fields_ = [
         ("type", _u8),
         ("dir", _u8),
@@ -90,7 +90,7 @@ class clv_segment(ctypes.Structure):  # noqa: N801 - the C name
     ]
 
 
-class clv_port_key(ctypes.Structure):  # noqa: N801
+class clv_port_key(ctypes.Structure):
     _fields_ = [
         ("ifindex", _u32),
         ("port", _u16),
@@ -98,7 +98,7 @@ class clv_port_key(ctypes.Structure):  # noqa: N801
     ]
 
 
-class clv_egress_key(ctypes.Structure):  # noqa: N801
+class clv_egress_key(ctypes.Structure):
     _fields_ = [
         ("ifindex", _u32),
         ("port", _u16),
@@ -108,7 +108,7 @@ class clv_egress_key(ctypes.Structure):  # noqa: N801
     ]
 
 
-class clv_match(ctypes.Structure):  # noqa: N801
+class clv_match(ctypes.Structure):
     _fields_ = [
         ("proto", _u8),
         ("egress", _u8),
@@ -116,7 +116,7 @@ class clv_match(ctypes.Structure):  # noqa: N801
     ]
 
 
-class clv_settings(ctypes.Structure):  # noqa: N801
+class clv_settings(ctypes.Structure):
     _fields_ = [
         ("capture_bytes", _u32),
         ("wakeup_bytes", _u32),

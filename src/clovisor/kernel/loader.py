@@ -114,7 +114,7 @@ class _LibbpfLog:
         for line in text.splitlines():
             self.lines.append(line)
             log.log(_LOG_LEVELS.get(level, logging.DEBUG), "libbpf: %s", line)
-        return n
+        return int(n)
 
     def __enter__(self) -> _LibbpfLog:
         _print_lock.acquire()
@@ -372,9 +372,7 @@ class BpfObject:
         self._store_port_entry(key, value)
         return True
 
-    def set_egress(
-        self, ifindex: int, port: int, addr: IPAddress | None, proto: Protocol
-    ) -> None:
+    def set_egress(self, ifindex: int, port: int, addr: IPAddress | None, proto: Protocol) -> None:
         """Trace connections from ``ifindex``'s workload to ``addr``:``port``.
 
         ``addr`` None matches any address (an exact rule wins over it).
@@ -459,4 +457,3 @@ class BpfObject:
             )
             result[counter.name.lower()] = sum(values)
         return result
-

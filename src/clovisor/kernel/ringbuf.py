@@ -45,7 +45,7 @@ class RingReader:
         rb: int | None = _rb_new(obj.map_fd("events"), self._callback, None, None)
         self._rb: int | None = libbpf.check_ptr(rb, "ring_buffer__new(events)")
 
-    def _on_sample(self, _ctx: int | None, data: int | None, size: int) -> int:
+    def _on_sample(self, _ctx: int | None, data: int, size: int) -> int:
         self._raw.append(ctypes.string_at(data, size))
         return 0
 

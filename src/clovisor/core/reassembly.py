@@ -20,6 +20,14 @@ def seq_diff(a: int, b: int) -> int:
     return ((a - b + _HALF) % _MOD) - _HALF
 
 
+def known_bytes(prefix: bytes, tail: bytes, length: int) -> bytes:
+    """The prefix, made whole when prefix and tail together cover ``length``."""
+    missing = length - len(prefix)
+    if 0 < missing <= len(tail):
+        return prefix + tail[len(tail) - missing :]
+    return prefix
+
+
 @dataclass(slots=True)
 class Chunk:
     """A contiguous run of stream bytes, possibly only partly captured.
@@ -49,10 +57,8 @@ class Chunk:
         head = Chunk(self.offset, n, self.data[:n], b"", self.ts_ns, self.packets)
         rest_len = self.length - n
         rest_data = self.data[n:] if n < len(self.data) else b""
-        tail = self.tail
-        if len(rest_data) < rest_len and len(tail) >= rest_len:
-            rest_data = tail[len(tail) - rest_len :]  # the tail covers all of the rest
-        rest = Chunk(self.offset + n, rest_len, rest_data, tail, self.ts_ns, 0)
+        rest_data = known_bytes(rest_data, self.tail, rest_len)
+        rest = Chunk(self.offset + n, rest_len, rest_data, self.tail, self.ts_ns, 0)
         return head, rest
 
     def ends_with(self, suffix: bytes) -> bool:
@@ -142,7 +148,7 @@ class HalfStream:
             trim = self._next_abs - offset
             data = data[trim:] if trim < len(data) else b""
             offset, length = self._next_abs, length - trim
-        chunk = Chunk(offset, length, data, tail, ts_ns, packets)
+        chunk = Chunk(offset, length, known_bytes(data, tail, length), tail, ts_ns, packets)
         if offset == self._next_abs and not self._pending:
             self._advance(end)
             return [chunk]

@@ -1,0 +1,265 @@
+"""``clovisor``: trace, doctor, cleanup, demo.
+
+Bad input (flags, specs, a missing interface, missing privileges, an
+unwritable output) ends with one line on stderr and exit code 2; nothing
+else of the user's is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from . import __version__
+from .specs import (
+    OutputSpec,
+    SpecError,
+    parse_egress,
+    parse_output,
+    parse_port,
+    parse_resource_attr,
+)
+
+EXIT_USAGE = 2
+
+log = logging.getLogger("clovisor")
+
+
+class UsageError(Exception):
+    """Ends the program with exit code 2 and one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _spec(fn: Callable[[str], object]) -> Callable[[str], object]:
+    """Turn a spec parser's error into argparse's own one-line error."""
+
+    def parse(text: str) -> object:
+        try:
+            return fn(text)
+        except SpecError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = fn.__name__.removeprefix("parse_")
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .kernel.abi import CLV_CAPTURE_MAX
+    from .pipeline import DEFAULT_CAPTURE_BYTES
+
+    p = _Parser(prog="clovisor", description="eBPF tracer: one span per HTTP/1.x exchange")
+    p.add_argument("--version", action="version", version=f"clovisor {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("trace", help="trace interfaces of this network namespace")
+    t.add_argument("--iface", action="append", required=True, metavar="NAME",
+                   help="interface to attach to (repeatable)")
+    t.add_argument("--port", action="append", default=[], type=_spec(parse_port),
+                   metavar="PORT[:PROTOCOL]",
+                   help="server port behind the interface; protocol http (default) or tcp")
+    t.add_argument("--egress", action="append", default=[], type=_spec(parse_egress),
+                   metavar="IP:PORT", help="trace requests to IP:PORT as CLIENT (0:PORT = any IP)")
+    t.add_argument("--output", action="append", type=_spec(parse_output), metavar="SPEC",
+                   help="console (default) or otlp-json:PATH ('-' = stdout); repeatable")
+    t.add_argument("--service", metavar="NAME", help="service.name (default: interface name)")
+    t.add_argument("--resource-attr", action="append", default=[], metavar="KEY=VALUE",
+                   type=_spec(parse_resource_attr), help="extra resource attribute")
+    t.add_argument("--capture-bytes", type=int, default=DEFAULT_CAPTURE_BYTES, metavar="N",
+                   help=f"payload prefix copied per segment (default {DEFAULT_CAPTURE_BYTES}, "
+                        f"max {CLV_CAPTURE_MAX})")
+    t.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+                   help="stop after this long")
+    t.add_argument("--count", type=_positive_int, metavar="N", help="stop after N sessions")
+    t.add_argument("--idle-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="a request without response for this long becomes an error span "
+                        "(default 30)")
+    t.add_argument("--attach-mode", choices=("auto", "tcx", "clsact"), default="auto",
+                   help="TCX links (kernel >= 6.6) or the clsact fallback (default auto)")
+
+    sub.add_parser("doctor", help="check the kernel and privileges")
+    c = sub.add_parser("cleanup", help="remove hooks a killed clovisor left (clsact mode)")
+    c.add_argument("--iface", action="append", metavar="NAME",
+                   help="only these interfaces (default: all)")
+    d = sub.add_parser("demo", help="trace a small pod network built from namespaces")
+    d.add_argument("--requests", type=_positive_int, default=40, metavar="N",
+                   help="how many client requests to send (default 40)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "trace":
+            return _trace(args)
+        if args.command == "doctor":
+            return _doctor()
+        if args.command == "cleanup":
+            return _cleanup(args.iface)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(requests=args.requests)
+    except UsageError as exc:
+        print(f"clovisor {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)
+
+
+def _require_root() -> None:
+    from .kernel.features import check
+
+    caps = {f.name: f for f in check()}
+    for name in ("bpf_syscall", "capabilities"):
+        f = caps.get(name)
+        if f is not None and not f.ok:
+            raise UsageError(f"{f.detail} (run as root, or see `clovisor doctor`)")
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from .core.tracker import Limits
+    from .export import Exporter, ExporterConfigError
+    from .kernel.abi import CLV_CAPTURE_MAX
+    from .kernel.errors import KernelError
+    from .pipeline import TraceOptions, Tracer
+
+    if not 0 < args.capture_bytes <= CLV_CAPTURE_MAX:
+        raise UsageError(f"--capture-bytes must be between 1 and {CLV_CAPTURE_MAX}")
+    if not args.port and not args.egress:
+        raise UsageError("nothing to trace: give --port and/or --egress")
+    options = TraceOptions(
+        interfaces=tuple(dict.fromkeys(args.iface)),
+        ports=tuple(args.port),
+        egress=tuple(args.egress),
+        service=args.service,
+        resource_attrs=tuple(args.resource_attr),
+        capture_bytes=args.capture_bytes,
+        attach_mode=args.attach_mode,
+        limits=Limits(idle_timeout_ns=int(args.idle_timeout * 1e9)),
+    )
+    if os.geteuid() != 0:
+        _require_root()
+    exporters: list[Exporter] = []
+    try:
+        exporters = [_exporter(o) for o in (args.output or [OutputSpec(kind="console")])]
+        tracer = Tracer(options, exporters)
+    except (ExporterConfigError, SpecError) as exc:
+        for e in exporters:
+            e.shutdown()
+        raise UsageError(str(exc)) from None
+    tracer.count = args.count
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            tracer.start()
+        except KernelError as exc:
+            for e in exporters:
+                e.shutdown()
+            raise UsageError(f"cannot start tracing: {exc}") from None
+        print(
+            f"clovisor: tracing {', '.join(options.interfaces)} "
+            f"({', '.join(a.mode for a in tracer.attachments)}); Ctrl-C to stop",
+            file=sys.stderr,
+        )
+        deadline = None if args.duration is None else _now() + args.duration
+        while not stop.is_set() and not tracer.done.is_set():
+            if deadline is not None and _now() >= deadline:
+                break
+            stop.wait(0.1)
+    finally:
+        totals = tracer.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    print(f"clovisor: {totals}", file=sys.stderr)
+    return 0
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _exporter(spec: OutputSpec) -> object:
+    from .export.console import ConsoleExporter
+    from .export.otlp_json import OtlpJsonExporter
+
+    if spec.kind == "console":
+        return ConsoleExporter(sys.stdout)
+    return OtlpJsonExporter(spec.target)
+
+
+def _doctor() -> int:
+    from .kernel.features import check
+
+    features = check()
+    for f in features:
+        print(f)
+    missing = [f for f in features if f.essential and not f.ok]
+    if missing:
+        print(f"clovisor cannot trace here: {', '.join(f.name for f in missing)} missing")
+        return 1
+    print("clovisor can trace here")
+    return 0
+
+
+def _cleanup(ifaces: list[str] | None) -> int:
+    from .kernel.attach import cleanup
+    from .kernel.errors import KernelError
+
+    if os.geteuid() != 0:
+        _require_root()
+    try:
+        removed = cleanup(ifaces)
+    except KernelError as exc:
+        raise UsageError(str(exc)) from None
+    for r in removed:
+        print(f"removed {r}")
+    if not removed:
+        print("nothing to clean up")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

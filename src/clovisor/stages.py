@@ -1,0 +1,140 @@
+"""Bounded, closable pipes and the stage threads that sit between them.
+
+The runtime is a few stages joined by bounded queues (the Beyla shape): each
+stage reads its input pipe until the pipe is closed and drained, then closes
+its output pipe, so shutting the first stage down flushes and shuts down the
+rest in order. Only :mod:`clovisor.pipeline` wires stages together.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+log = logging.getLogger(__name__)
+
+
+class Closed(Exception):
+    """The pipe is closed and empty."""
+
+
+class Pipe(Generic[T]):
+    """A bounded FIFO between two threads; ``put`` waits while it is full.
+
+    Waiting is the back-pressure: a slow exporter slows the tracker, which
+    slows the ring reader, and the kernel then counts the records it could not
+    queue (``events lost``). Nothing in between grows without bound.
+    """
+
+    def __init__(self, capacity: int, name: str = "") -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.name = name
+        self._items: collections.deque[T] = collections.deque()
+        self._capacity = capacity
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T, timeout: float | None = None) -> bool:
+        """Queue an item; False if the pipe was closed or stayed full for ``timeout``."""
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: self._closed or len(self._items) < self._capacity, timeout
+            ):
+                return False
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float | None = None) -> T | None:
+        """The next item, None on timeout; :class:`Closed` once closed and drained."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._closed or self._items, timeout):
+                return None
+            if self._items:
+                item = self._items.popleft()
+                self._cond.notify_all()
+                return item
+            raise Closed(self.name)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class Stage(threading.Thread, Generic[T, U]):
+    """A thread that maps items of one pipe to items of the next.
+
+    ``handle`` returns the items to pass on (possibly none); ``idle`` runs
+    when no input arrived for ``tick`` seconds (timers such as timeouts);
+    ``finish`` runs once after the input closed, before the output closes.
+    An exception in a handler is logged and counted, never kills the stage.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: Pipe[T],
+        sink: Pipe[U] | None,
+        handle: Callable[[T], list[U]],
+        *,
+        idle: Callable[[], list[U]] | None = None,
+        finish: Callable[[], list[U]] | None = None,
+        tick: float = 0.5,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.source = source
+        self.sink = sink
+        self._handle = handle
+        self._idle = idle
+        self._finish = finish
+        self._tick = tick
+        self.errors = 0
+
+    def run(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self.source.get(self._tick)
+                except Closed:
+                    break
+                if item is None:
+                    self._emit(self._call(self._idle))
+                else:
+                    self._emit(self._call(lambda: self._handle(item)))
+            self._emit(self._call(self._finish))
+        finally:
+            if self.sink is not None:
+                self.sink.close()
+
+    def _call(self, fn: Callable[[], list[U]] | None) -> list[U]:
+        if fn is None:
+            return []
+        try:
+            return fn()
+        except Exception:
+            self.errors += 1
+            log.exception("stage %s: handler failed", self.name)
+            return []
+
+    def _emit(self, items: list[U]) -> None:
+        if self.sink is None:
+            return
+        for item in items:
+            self.sink.put(item)

@@ -231,6 +231,7 @@ class Topology:
         self.gateway6 = GATEWAY6
         self._created_ns: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
+        self._group_leaders: set[int] = set()  # pids spawned as leaders of a new session
 
     # context management
 
@@ -359,6 +360,8 @@ class Topology:
         popen_kw.setdefault("stdin", subprocess.DEVNULL)
         proc: subprocess.Popen[Any] = subprocess.Popen([*nsenter_prefix(ns), *argv], **popen_kw)
         self._procs.append(proc)
+        if popen_kw["start_new_session"]:
+            self._group_leaders.add(proc.pid)
         return proc
 
     def wait_for_port(self, ns: str, addr: str, port: int, timeout: float = 10.0) -> None:
@@ -369,9 +372,9 @@ class Topology:
 
     def _signal(self, proc: subprocess.Popen[Any], sig: int) -> None:
         try:
-            # ip netns exec execs the command, so proc.pid is the command; it
-            # leads its own session only if spawn() created one.
-            if os.getpgid(proc.pid) == proc.pid:
+            # ip netns exec execs the command, so proc.pid is the command and,
+            # when spawn() gave it a session, the id of its process group.
+            if proc.pid in self._group_leaders:
                 os.killpg(proc.pid, sig)
             else:
                 os.kill(proc.pid, sig)
@@ -390,13 +393,17 @@ class Topology:
             except subprocess.TimeoutExpired:
                 self._signal(p, signal.SIGKILL)
                 p.wait()
-        # Also reap a group's leftovers: a killed leader can leave children.
-        for p in self._procs:
-            if p.poll() is not None:
+        # A leader can exit before its children.  The kernel does not reuse a
+        # pid while it names a live group, and we reaped these leaders just
+        # now, so this reaches our leftovers or nobody.  (Leaders that exited
+        # earlier are skipped: their pid may since name someone else.)
+        for p in live:
+            if p.pid in self._group_leaders:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    if p.pid > 0 and self._group_alive(p.pid):
+                    if self._group_alive(p.pid):
                         os.killpg(p.pid, signal.SIGKILL)
         self._procs.clear()
+        self._group_leaders.clear()
 
     @staticmethod
     def _group_alive(pgid: int) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__
+from .export import Exporter
 from .specs import (
     OutputSpec,
     SpecError,
@@ -154,7 +155,7 @@ def _require_root() -> None:
 
 def _trace(args: argparse.Namespace) -> int:
     from .core.tracker import Limits
-    from .export import Exporter, ExporterConfigError
+    from .export import ExporterConfigError
     from .kernel.abi import CLV_CAPTURE_MAX
     from .kernel.errors import KernelError
     from .pipeline import TraceOptions, Tracer
@@ -221,7 +222,7 @@ def _now() -> float:
     return time.monotonic()
 
 
-def _exporter(spec: OutputSpec) -> object:
+def _exporter(spec: OutputSpec) -> Exporter:
     from .export.console import ConsoleExporter
     from .export.otlp_json import OtlpJsonExporter
 

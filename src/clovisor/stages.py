@@ -9,6 +9,7 @@ rest in order. Only :mod:`clovisor.pipeline` wires stages together.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -117,7 +118,7 @@ class Stage(threading.Thread, Generic[T, U]):
                 if item is None:
                     self._emit(self._call(self._idle))
                 else:
-                    self._emit(self._call(lambda: self._handle(item)))
+                    self._emit(self._call(functools.partial(self._handle, item)))
             self._emit(self._call(self._finish))
         finally:
             if self.sink is not None:

@@ -95,7 +95,8 @@ def test_pipelining(mode: str) -> None:
     reqs = get("/1") + get("/2") + b"HEAD /3 HTTP/1.1\r\nHost: h\r\n\r\n"
     resps = ok(b"one") + ok(b"second") + ok(b"", extra="").replace(
         b"Content-Length: 0", b"Content-Length: 999")
-    segs = c.handshake() + c.request(reqs, sizes(mode, reqs)) + c.response(resps, sizes(mode, resps))
+    segs = c.handshake() + c.request(reqs, sizes(mode, reqs))
+    segs += c.response(resps, sizes(mode, resps))
     out, _ = run(segs + c.close())
     assert [(s.request.target, s.response.body_size) for s in out if s.request and s.response] == [
         ("/1", 3), ("/2", 6), ("/3", 0)]
@@ -139,7 +140,7 @@ def test_chunked_response(capture: int) -> None:
     # Cut so that chunk-size lines fall inside segments beyond the capture.
     segs = c.handshake() + c.request(get()) + c.response(body, [60, 40_000, 40_000])
     segs += c.request(get("/2")) + c.response(chunked([b"x"]))
-    out, t = run(segs + c.close())
+    out, _t = run(segs + c.close())
     assert len(out) == 2
     header_len = body.index(b"\r\n\r\n") + 4
     assert out[0].response is not None and out[0].response.body_size == len(body) - header_len
@@ -188,9 +189,9 @@ def test_retransmission_duplicates_and_reordering() -> None:
     req, resp = get("/r"), ok(b"y" * 1000)
     rq = c.request(req, [10, 10, 10, 1000])
     rs = c.response(resp, [50, 300, 300, 1000])
-    segs = hs + [rq[1], rq[0], rq[0], rq[3], rq[2], rq[1]]
+    segs = [*hs, rq[1], rq[0], rq[0], rq[3], rq[2], rq[1]]
     segs += [rs[2], rs[0], rs[3], rs[1], rs[1], rs[3]]
-    out, t = run(segs + c.close())
+    out, _t = run(segs + c.close())
     assert len(out) == 1 and out[0].response is not None
     assert out[0].response.body_size == 1000
     assert out[0].request_bytes == len(req) and out[0].response_bytes == len(resp)
@@ -217,7 +218,7 @@ def test_connection_open_before_tracing_starts() -> None:
     segs = c.response(ok(b"old") [:30])  # tail of an old response: not paired
     c.seq[RESP] += len(ok(b"old")) - 30
     segs += c.request(get("/seen")) + c.response(ok(b"new"))
-    out, t = run(segs + c.close())
+    out, _t = run(segs + c.close())
     assert [s.request.target for s in out if s.request] == ["/seen"]
     assert out[0].outcome is Outcome.COMPLETE
 
@@ -229,7 +230,7 @@ def test_response_to_unseen_request_is_not_paired() -> None:
     segs = c.response(ok(b"for-unseen"))
     # A response cannot answer a request whose first byte the server has not acked.
     early = c.request(get("/seen"))
-    out, t = run(early[:0] + segs + early + c.response(ok(b"for-seen")) + c.close())
+    out, _ = run(segs + early + c.response(ok(b"for-seen")) + c.close())
     assert [(s.request.target, s.response.body_size) for s in out if s.request and s.response] == [
         ("/seen", 8)]
 

@@ -37,7 +37,8 @@ class Conversation:
     def _seg(self, d: Direction, seq: int, payload: bytes, flags: int) -> Segment:
         self.ts += 1000
         other = Direction.RESPONSE if d is Direction.REQUEST else Direction.REQUEST
-        src, dst = (self.client, self.server) if d is Direction.REQUEST else (self.server, self.client)
+        fwd = d is Direction.REQUEST
+        src, dst = (self.client, self.server) if fwd else (self.server, self.client)
         sp, dp = (self.cport, self.sport) if d is Direction.REQUEST else (self.sport, self.cport)
         n = len(payload)
         cap = payload[: self.capture]

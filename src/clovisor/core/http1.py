@@ -210,6 +210,7 @@ class Framer:
         "message_bytes",
         "message_packets",
         "start_offset",
+        "_window",
     )
 
     def __init__(
@@ -223,6 +224,7 @@ class Framer:
         self._body_start = 0
         self._head_ts = 0
         self._last_ts = 0
+        self._window = b""  # last known bytes while scanning for the last chunk
         self.in_message = False
         self.message_bytes = 0
         self.message_packets = 0
@@ -484,14 +486,28 @@ class Framer:
     def _lost(self, chunk: Chunk) -> None:
         """Chunk framing fell into bytes we did not capture: scan for the end."""
         self._buf = b""
+        self._window = b""
         self._fire(Trigger.FRAMING_LOST)
-        if _is_last_chunk(chunk):
-            self._fire(Trigger.BODY_DONE)
-            self._end(chunk.ts_ns, self.message_bytes - self._body_start)
+        self._scan(chunk)
 
-    def _chunk_scan(self, chunk: Chunk) -> None:
+    def _chunk_scan(self, chunk: Chunk) -> Chunk | None:
         self._account(chunk.length, chunk.ts_ns)
-        if _is_last_chunk(chunk):
+        self._scan(chunk)
+        return None
+
+    def _scan(self, chunk: Chunk) -> None:
+        """End the body at a visible last-chunk marker.
+
+        ``_window`` keeps the last known bytes of the stream while they are
+        contiguous, so a marker split across two segments is still seen.
+        """
+        if chunk.complete:
+            window = (self._window + chunk.data[: chunk.length])[-len(_LAST_CHUNK) :]
+        else:
+            window = chunk.tail[-len(_LAST_CHUNK) :]
+        self._window = window
+        if window.endswith(_LAST_CHUNK) or _is_last_chunk(chunk):
+            self._window = b""
             self._fire(Trigger.BODY_DONE)
             self._end(chunk.ts_ns, self.message_bytes - self._body_start)
 

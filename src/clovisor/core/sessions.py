@@ -70,7 +70,7 @@ class _Pending:
 class Stats:
     """Counters a tracker sums over all connections."""
 
-    __slots__ = ("parse_errors", "unpaired_responses", "dropped_requests")
+    __slots__ = ("dropped_requests", "parse_errors", "unpaired_responses")
 
     def __init__(self) -> None:
         self.parse_errors = 0
@@ -88,8 +88,8 @@ class Connection:
         "last_ts",
         "out",
         "req",
-        "resp",
         "reset",
+        "resp",
         "stats",
     )
 
@@ -224,7 +224,7 @@ class TcpConnection(Connection):
 class HttpConnection(Connection):
     """HTTP/1.x: a FIFO of requests, each paired with the next response."""
 
-    __slots__ = ("_current", "_pending", "_req_framer", "_resp_framer", "_max_pending")
+    __slots__ = ("_current", "_max_pending", "_pending", "_req_framer", "_resp_framer")
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .events import SYN, Direction, Outcome, Protocol, Segment, Session
 from .reassembly import ReassemblyLimits, seq_diff
@@ -22,13 +22,13 @@ class Limits:
     max_pending_requests: int = 64  # per connection (pipelining depth kept)
     max_header_bytes: int = 65536  # a header block larger than this is an error
     idle_timeout_ns: int = 30_000_000_000  # a pending request then becomes a TIMEOUT
-    reassembly: ReassemblyLimits = ReassemblyLimits()
+    reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
 
 
 class TrackerStats:
     """Totals for the operator (``clovisor trace`` prints them at exit)."""
 
-    __slots__ = ("connections", "evicted", "segments", "sessions", "_conn_stats")
+    __slots__ = ("_conn_stats", "connections", "evicted", "segments", "sessions")
 
     def __init__(self, conn_stats: Stats) -> None:
         self.segments = 0
@@ -162,7 +162,7 @@ class Tracker:
             del conns[old_key]
             old.flush_and_end(Outcome.TIMEOUT, seg.ts_ns)
             self.stats.evicted += 1
-        ifindex, role, client, cport, server, sport = key
+        ifindex, _role, client, cport, server, sport = key
         endpoints = Endpoints(
             role=seg.role,
             protocol=seg.protocol,

@@ -111,9 +111,15 @@ class _LibbpfLog:
             text = ctypes.string_at(out, n).decode(errors="replace").rstrip("\n")
         finally:
             _free(out)
-        for line in text.splitlines():
-            self.lines.append(line)
-            log.log(_LOG_LEVELS.get(level, logging.DEBUG), "libbpf: %s", line)
+        lines = text.splitlines()
+        self.lines.extend(lines)
+        # A verifier log is thousands of lines in one message: keep it one
+        # DEBUG record (its tail goes into the KernelError), warn in one line.
+        pylevel = _LOG_LEVELS.get(level, logging.DEBUG)
+        if len(lines) > _LOG_TAIL and pylevel > logging.DEBUG:
+            log.log(pylevel, "%s (%d more lines at DEBUG level)", lines[0], len(lines) - 1)
+            pylevel = logging.DEBUG
+        log.log(pylevel, "%s", text)
         return int(n)
 
     def __enter__(self) -> _LibbpfLog:
@@ -196,7 +202,7 @@ class BpfObject:
             self.close()
             raise
 
-    _MAPS = ("ports", "egress", "events", "counters")
+    _MAPS = ("ports", "egress", "port_bits", "events", "counters")
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -338,10 +344,13 @@ class BpfObject:
 
     # -- configuration -----------------------------------------------------
     #
-    # The `ports` entry of {ifindex, port} carries the server protocol (0: not
-    # a server port) and which `egress` rules exist for that port, so the
-    # classifier looks into `egress` only when a rule can match.  Writes are
-    # ordered so that the datapath never sees a bit without its rule.
+    # Three levels, each a filter for the next: `port_bits` says some
+    # interface has a `ports` entry for the port; the `ports` entry of
+    # {ifindex, port} carries the server protocol (0: not a server port) and
+    # which `egress` rules exist for that port.  Writes are ordered so that
+    # the datapath never sees a bit without what it stands for (a bit without
+    # a rule only costs a lookup).  One writer at a time: the agent's
+    # reconciler.
 
     def _port_entry(self, ifindex: int, port: int) -> tuple[clv_port_key, clv_match]:
         key = clv_port_key(ifindex=ifindex, port=port)
@@ -350,8 +359,27 @@ class BpfObject:
     def _store_port_entry(self, key: clv_port_key, value: clv_match) -> None:
         if value.proto or value.egress:
             self._update("ports", key, value)
-        else:
-            self._delete("ports", key)
+            self._set_port_bit(key.port, True)
+        elif self._delete("ports", key):
+            self._sync_port_bits({key.port})
+
+    def _set_port_bit(self, port: int, on: bool) -> None:
+        fd = self.map_fd("port_bits")
+        index = ctypes.c_uint32(port >> 6)
+        word = ctypes.c_uint64()
+        libbpf.check(_lookup_elem(fd, ctypes.byref(index), ctypes.byref(word)), "port_bits")
+        bit = 1 << (port & 63)
+        new = word.value | bit if on else word.value & ~bit
+        if new != word.value:
+            word.value = new
+            rc = _update_elem(fd, ctypes.byref(index), ctypes.byref(word), _BPF_ANY)
+            libbpf.check(rc, "update of port_bits")
+
+    def _sync_port_bits(self, ports: set[int]) -> None:
+        """Clear the bits of ``ports`` that no interface uses any more."""
+        used = {k.port for k in self._keys("ports", clv_port_key)}
+        for port in ports - used:
+            self._set_port_bit(port, False)
 
     def set_server_port(self, ifindex: int, port: int, proto: Protocol) -> None:
         """Trace ``port`` as a server port of the workload behind ``ifindex``."""
@@ -408,10 +436,13 @@ class BpfObject:
     def clear_ifindex(self, ifindex: int) -> int:
         """Remove every rule of an interface (it went away); how many entries."""
         removed = 0
+        freed: set[int] = set()
         # `ports` first: its bits are what send the datapath into `egress`.
         for pkey in self._keys("ports", clv_port_key):
-            if pkey.ifindex == ifindex:
-                removed += self._delete("ports", pkey)
+            if pkey.ifindex == ifindex and self._delete("ports", pkey):
+                removed += 1
+                freed.add(pkey.port)
+        self._sync_port_bits(freed)
         for ekey in self._keys("egress", clv_egress_key):
             if ekey.ifindex == ifindex:
                 removed += self._delete("egress", ekey)

@@ -10,9 +10,10 @@
  *    after it (another agent's) still run;
  *  - per-packet work is bounded: a fixed number of header loads, at most six
  *    IPv6 extension headers, at most four hash lookups;
- *  - an untraced packet costs the parse and two hash lookups (the `ports`
- *    entry of its destination and source port, which also says whether
- *    `egress` rules exist for that port); a pure ACK costs only the parse;
+ *  - an untraced packet costs the parse and two bit tests (`port_bits`);
+ *    a packet of a traced port one or two hash lookups in `ports`, whose
+ *    entry also says whether `egress` rules exist for the port; a pure ACK
+ *    costs only the parse;
  *  - every record that cannot be written is counted (CLV_CNT_LOST).
  */
 #include <linux/bpf.h>
@@ -43,6 +44,13 @@ struct {
 	__type(key, struct clv_port_key);
 	__type(value, struct clv_match);
 } ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CLV_PORT_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} port_bits SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -288,21 +296,35 @@ static __always_inline struct clv_match *match_egress(__u32 ifindex, __u16 port,
 	return NULL;
 }
 
+/* May some interface trace this port?  (No false negatives.) */
+static __always_inline bool port_listed(__u16 port)
+{
+	__u32 idx = port >> 6;
+	__u64 *word = bpf_map_lookup_elem(&port_bits, &idx);
+
+	return word && (*word >> (port & 63)) & 1;
+}
+
+static __always_inline struct clv_match *port_entry(__u32 ifindex, __u16 port)
+{
+	struct clv_port_key k = { .ifindex = ifindex, .port = port };
+
+	return port_listed(port) ? bpf_map_lookup_elem(&ports, &k) : NULL;
+}
+
 /* Decide dir/role/proto; false when the segment is not traced here. */
 static __always_inline bool match(__u32 ifindex, struct clv_pkt *p, struct clv_segment *h)
 {
-	struct clv_port_key k = { .ifindex = ifindex, .port = p->dport };
 	struct clv_match *dm, *sm, *m;
 
-	dm = bpf_map_lookup_elem(&ports, &k);
+	dm = port_entry(ifindex, p->dport);
 	if (dm && dm->proto) {
 		h->dir = CLV_DIR_REQUEST;
 		h->role = CLV_ROLE_SERVER;
 		h->proto = dm->proto;
 		return true;
 	}
-	k.port = p->sport;
-	sm = bpf_map_lookup_elem(&ports, &k);
+	sm = port_entry(ifindex, p->sport);
 	if (sm && sm->proto) {
 		h->dir = CLV_DIR_RESPONSE;
 		h->role = CLV_ROLE_SERVER;

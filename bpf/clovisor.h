@@ -93,6 +93,12 @@ struct clv_egress_key {
 	__u8 addr[16];
 };
 
+/* The `port_bits` array map: CLV_PORT_WORDS __u64 words, bit (port % 64) of
+ * word (port / 64) set while any interface has a `ports` entry for that port.
+ * An array lookup is inlined by the verifier: a packet of an untraced port
+ * costs no hash lookup at all. */
+#define CLV_PORT_WORDS 1024
+
 /* Which egress rules exist for a {ifindex, port}: carried in the `ports`
  * entry so that a packet of an untraced port costs two lookups, not six. */
 #define CLV_EGRESS_ANY 0x01 /* a family 0 / any-address rule */

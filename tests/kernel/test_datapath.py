@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -670,3 +671,42 @@ def test_lost_records_are_counted(net: Net, bpf_object: Factory) -> None:
     with RingReader(obj) as reader:  # what did fit is intact
         kept = reader.poll(0)
     assert len(kept) == counters["events"] and reader.malformed == 0
+
+
+# --- wake-up batching ---------------------------------------------------------------
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready)
+
+
+def test_wakeup_only_when_the_threshold_is_crossed(bpf_object: Factory) -> None:
+    # records of 88 + 64 bytes (+ 8 bytes of ring header): the 7th crosses 1000
+    obj = bpf_object(capture_bytes=64, wakeup_bytes=1000)
+    obj.set_server_port(LO, 8080, Protocol.HTTP)
+    frame = eth4(ipv4(tcp(40000, 8080, b"x" * 64)))
+    with RingReader(obj) as reader:
+        fd = reader.epoll_fd()
+        test_run(obj.prog_fd("clv_tc_ingress"), frame, repeat=6)
+        assert not _readable(fd, 0.2)  # below the threshold: no wake-up...
+        assert len(reader.poll(10)) == 6  # ...but the timed poll drains the ring
+        test_run(obj.prog_fd("clv_tc_ingress"), frame, repeat=7)
+        assert _readable(fd, 2.0)
+        assert len(reader.poll(1000)) == 7
+
+
+def test_wakeup_bytes_zero_wakes_for_every_record(bpf_object: Factory) -> None:
+    obj = bpf_object(capture_bytes=64, wakeup_bytes=0)
+    obj.set_server_port(LO, 8080, Protocol.HTTP)
+    with RingReader(obj) as reader:
+        test_run(obj.prog_fd("clv_tc_ingress"), eth4(ipv4(tcp(40000, 8080, b"x"))))
+        assert _readable(reader.epoll_fd(), 2.0)
+        assert len(reader.poll(0)) == 1
+
+
+def test_reader_counts_malformed_records_without_raising(rig: Rig) -> None:
+    rig.run(eth4(ipv4(tcp(40000, 8080, b"x"))))  # drained by run()
+    rig.reader._raw.append(b"\x07" * 100)  # as if the callback had copied a bad record
+    assert rig.reader.poll(0) == []
+    assert rig.reader.malformed == 1

@@ -3,6 +3,12 @@
 libbpf's ``ring_buffer`` walks the ring and calls back once per record; the
 callback only copies the record out (``ctypes.string_at``), and decoding
 happens afterwards in a plain Python loop, away from the ctypes trampoline.
+
+Measured here (2 shared vCPUs, records of 88 + 256 bytes, batches of 10 to
+1000): the callback and copy cost 0.7-0.9 µs per record, decoding 2-3 µs,
+i.e. 250,000-370,000 records/s for the whole poll.  The callback is well
+under the ~2 µs that would justify walking the mmapped ring ourselves with
+struct.unpack_from; the cost that matters is building the Segment objects.
 """
 
 from __future__ import annotations

@@ -443,3 +443,19 @@ def test_real_classifier_attaches_and_detaches(
         exchange(topology, socket.AF_INET6)
     assert list_hooks(server_if.host_ifindex) == []
     assert not att.clsact_present(server_if.host_ifindex)
+
+
+@pytest.mark.parametrize("mode", ["tcx", "clsact"])
+def test_detach_after_the_interface_went_away(
+    topology: Topology, ours: TinyBpf, mode: str
+) -> None:
+    # A pod deleted under a running agent: its veth, and our hooks, are gone.
+    client = topology.pods["client"]
+    with in_netns(topology.node_ns):
+        a = attach(client.host_ifindex, ours.prog_fd("clv_t_in"), ours.prog_fd("clv_t_eg"),
+                   mode=mode)  # type: ignore[arg-type]
+        topology.run(topology.node_ns, ["ip", "link", "del", client.host_ifname])
+        a.detach()
+        assert not a.attached
+        if mode == "clsact":
+            assert not att._marker(client.host_ifindex).exists()

@@ -587,9 +587,13 @@ class Attachment:
         try:
             current = socket.if_indextoname(self.ifindex)
         except OSError:
-            return errors  # the interface is gone, and our filters with it
+            current = None
         if current != self.ifname:
-            return errors  # ifindex reused by a new interface: nothing of ours there
+            # The interface is gone, and our filters and qdisc with it (or its
+            # ifindex now names a new interface, which holds nothing of ours).
+            if _marked_created(self.ifindex, self.ifname):
+                _unmark(self.ifindex)
+            return errors
         for d in self.directions:
             for f in _dump_filters(self.ifindex, d):
                 # Remove it only if it is still the program we put there.

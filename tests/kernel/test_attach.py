@@ -323,8 +323,9 @@ def test_clsact_reattach_takes_over_a_stale_filter_of_ours(
     newer = tiny_bpf(counting_tc_source("clv_u"))
     second = attach(idx, newer.prog_fd("clv_u_in"), None, mode="clsact")  # a restart
     assert [h.prog_name for h in list_hooks(idx)] == ["clv_u_in"]
-    second.detach()
-    first.detach()  # its filter was replaced: nothing of it left to remove
+    first.detach()  # its filter was replaced: it must not take the newer one away
+    assert [h.prog_name for h in list_hooks(idx)] == ["clv_u_in"]
+    second.detach()  # and the qdisc the first one created still goes in the end
     assert list_hooks(idx) == [] and not att.clsact_present(idx)
 
 

@@ -352,6 +352,13 @@ def clsact_present(ifindex: int) -> bool:
     return False
 
 
+def _foreign(f: _Filter) -> bool:
+    """Not a Clovisor filter (nor the kernel's per-priority header of one)."""
+    if f.kind == "bpf" and f.priority == CLSACT_PRIORITY and f.handle == 0:
+        return False
+    return not _is_ours(f)
+
+
 def _is_ours(f: _Filter) -> bool:
     if f.kind != "bpf" or f.handle != CLSACT_HANDLE or f.priority != CLSACT_PRIORITY:
         return False
@@ -502,9 +509,12 @@ def _release_qdisc(ifindex: int, ifname: str, created: bool) -> bool:
     """Delete the clsact qdisc if we created it and nothing else is attached to it."""
     if not (created or _marked_created(ifindex, ifname)):
         return False
-    if any(_dump_filters(ifindex, d) for d in _DIRS):
-        # Someone attached to "our" qdisc meanwhile: it is theirs now too.
-        _unmark(ifindex)
+    remaining = [f for d in _DIRS for f in _dump_filters(ifindex, d)]
+    if remaining:
+        if any(_foreign(f) for f in remaining):
+            # Someone attached to "our" qdisc meanwhile: it is theirs now too.
+            _unmark(ifindex)
+        # else another Attachment of ours still uses it and will release it.
         return False
     # netlink has no "delete if empty", so a filter added between the dump and
     # this call would go with the qdisc; the window is a few microseconds.
@@ -596,10 +606,10 @@ class Attachment:
             return errors
         for d in self.directions:
             for f in _dump_filters(self.ifindex, d):
-                # Remove it only if it is still the program we put there.
-                if f.handle == CLSACT_HANDLE and f.priority == CLSACT_PRIORITY and (
-                    f.prog_id == self.prog_ids[d] or _is_ours(f)
-                ):
+                # Remove it only if it is still the program we put there: a
+                # newer attach to this interface may have replaced it.
+                if (f.handle == CLSACT_HANDLE and f.priority == CLSACT_PRIORITY
+                        and f.prog_id == self.prog_ids[d]):
                     try:
                         _tc_detach(self.ifindex, d)
                     except KernelError as exc:

@@ -19,6 +19,8 @@ from clovisor.core.events import Direction, Protocol, Role, Segment
 from clovisor.kernel import abi
 from clovisor.kernel.loader import DEFAULT_OBJECT
 
+from .conftest import unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "bpf" / "clovisor.h"
 
@@ -40,6 +42,7 @@ CONSTANTS = {
     "CLV_TCP_RST": abi.CLV_TCP_RST,
     "CLV_TCP_PSH": abi.CLV_TCP_PSH,
     "CLV_TCP_ACK": abi.CLV_TCP_ACK,
+    "CLV_PORT_WORDS": abi.CLV_PORT_WORDS,
     "CLV_EGRESS_ANY": abi.CLV_EGRESS_ANY,
     "CLV_EGRESS_V4": abi.CLV_EGRESS_V4,
     "CLV_EGRESS_V6": abi.CLV_EGRESS_V6,
@@ -76,7 +79,7 @@ def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, .
     """What the system C compiler says about every struct, field and constant."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
-        pytest.skip("no C compiler")
+        unavailable("no C compiler to check the header's layout")
     tmp = tmp_path_factory.mktemp("abi")
     src, exe = tmp / "layout.c", tmp / "layout"
     src.write_text(_layout_program())
@@ -141,9 +144,9 @@ def _btf_structs(obj: Path) -> dict[str, tuple[int, list[tuple[str, int]]]]:
 
 def test_btf_of_the_object_matches() -> None:
     if not DEFAULT_OBJECT.is_file():
-        pytest.skip("object not built (make bpf)")
+        unavailable("object not built (make bpf)")
     if not (shutil.which("bpftool") or Path("/usr/sbin/bpftool").exists()):
-        pytest.skip("no bpftool")
+        unavailable("no bpftool")
     btf = _btf_structs(DEFAULT_OBJECT)
     for struct in abi.STRUCTS:
         name = struct.__name__

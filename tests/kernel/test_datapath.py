@@ -10,6 +10,7 @@ Two kinds of tests:
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import itertools
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from clovisor.core.events import ACK, FIN, PSH, RST, SYN, Direction, Protocol, Role, Segment
+from clovisor.kernel import libbpf
 from clovisor.kernel.loader import BpfObject
 from clovisor.kernel.ringbuf import RingReader
 from clovisor.topology import Topology
@@ -710,3 +712,30 @@ def test_reader_counts_malformed_records_without_raising(rig: Rig) -> None:
     rig.reader._raw.append(b"\x07" * 100)  # as if the callback had copied a bad record
     assert rig.reader.poll(0) == []
     assert rig.reader.malformed == 1
+
+
+def _port_bit(obj: BpfObject, port: int) -> bool:
+    index, word = ctypes.c_uint32(port >> 6), ctypes.c_uint64()
+    lookup = libbpf.bind(
+        "bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p
+    )
+    libbpf.check(lookup(obj.map_fd("port_bits"), ctypes.byref(index), ctypes.byref(word)), "get")
+    return bool(word.value >> (port & 63) & 1)
+
+
+def test_port_bits_follow_the_ports_map(bpf_object: Factory) -> None:
+    obj = bpf_object()
+    addr = ipaddress.ip_address(SERVER4)
+    obj.set_server_port(5, 80, Protocol.HTTP)
+    obj.set_server_port(6, 80, Protocol.HTTP)
+    obj.set_egress(5, 81, addr, Protocol.TCP)
+    obj.set_server_port(5, 63, Protocol.TCP)  # same word as 0..62, neighbour bits
+    assert [_port_bit(obj, p) for p in (62, 63, 64, 79, 80, 81, 82)] == [
+        False, True, False, False, True, True, False,
+    ]  # fmt: skip
+    obj.remove_server_port(5, 80)
+    assert _port_bit(obj, 80)  # ifindex 6 still traces it
+    obj.clear_ifindex(6)
+    assert not _port_bit(obj, 80)
+    obj.remove_egress(5, 81, addr)
+    assert not _port_bit(obj, 81) and _port_bit(obj, 63)

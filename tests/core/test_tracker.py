@@ -357,3 +357,31 @@ def test_sequence_wraparound() -> None:
     segs += c.response(ok(b"w" * 2000), [10, 500, 5000])
     out, _ = run(segs + c.close())
     assert len(out) == 1 and out[0].response is not None and out[0].response.body_size == 2000
+
+
+def test_byte_budget_caps_held_bytes_and_is_returned() -> None:
+    limits = Limits(max_buffered_bytes=4096)
+    t = Tracker(limits)
+    out = []
+    for port in range(20):
+        c = Conversation(cport=20000 + port)
+        # A header block that never ends, 1000 bytes per connection: held bytes.
+        out += t.feed_many(c.handshake() + c.request(b"GET /" + b"a" * 995))
+        assert t.stats.buffered_bytes <= 4096
+    assert t.stats.budget_refusals > 0
+    out += t.close()
+    assert t.stats.buffered_bytes == 0
+    assert all(s.outcome is Outcome.SHUTDOWN for s in out)
+
+
+def test_out_of_order_bytes_are_budgeted() -> None:
+    t = Tracker(Limits(max_buffered_bytes=100))
+    c = Conversation()
+    hs = c.handshake()
+    segs = c.request(get("/ooo") + b"", [10, 40, 40, 1000])
+    t.feed_many(hs + segs[1:])  # the first segment is missing: everything is held
+    assert t.stats.buffered_bytes <= 100
+    t.feed(segs[0])
+    assert t.stats.buffered_bytes == 0
+    out = t.feed_many(c.response(ok())) + t.close()
+    assert len(out) == 1 and out[0].request is not None and out[0].request.target == "/ooo"

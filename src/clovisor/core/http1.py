@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
+from .budget import UNLIMITED, Budget
 from .errors import ProtocolError
 from .reassembly import Chunk
 
@@ -197,6 +198,7 @@ class Framer:
 
     __slots__ = (
         "_body_start",
+        "_budget",
         "_buf",
         "_head_ts",
         "_kind",
@@ -204,22 +206,29 @@ class Framer:
         "_remaining",
         "_sink",
         "_state",
+        "_window",
         "ack",
         "in_message",
         "max_header_bytes",
         "message_bytes",
         "message_packets",
         "start_offset",
-        "_window",
     )
 
     def __init__(
-        self, kind: Kind, sink: MessageSink, *, synced: bool, max_header_bytes: int = 65536
+        self,
+        kind: Kind,
+        sink: MessageSink,
+        *,
+        synced: bool,
+        max_header_bytes: int = 65536,
+        budget: Budget = UNLIMITED,
     ) -> None:
+        self._budget = budget
         self._kind = kind
         self._sink = sink
         self._state = State.IDLE if synced else State.SEEK
-        self._buf = b""  # header block or chunk-size line being gathered
+        self._buf = b""  # header block or chunk-size line being gathered (budgeted)
         self._remaining = 0  # body bytes (or chunk bytes + CRLF) still to come
         self._body_start = 0
         self._head_ts = 0
@@ -313,6 +322,26 @@ class Framer:
         self._fire(Trigger.GAP)
         return None
 
+    def _hold(self, buf: bytes) -> bool:
+        """Keep ``buf`` for the next chunk, if the byte budget allows."""
+        grow = len(buf) - len(self._buf)
+        if grow > 0 and not self._budget.take(grow):
+            self._drop_buf()
+            return False
+        if grow < 0:
+            self._budget.give(-grow)
+        self._buf = buf
+        return True
+
+    def _drop_buf(self) -> None:
+        if self._buf:
+            self._budget.give(len(self._buf))
+            self._buf = b""
+
+    def release(self) -> None:
+        """The connection is gone: return what this framer holds."""
+        self._drop_buf()
+
     def _account(self, n: int, ts_ns: int) -> None:
         self.message_bytes += n
         self._last_ts = ts_ns
@@ -338,7 +367,7 @@ class Framer:
         self.ack = ack
         self.start_offset = chunk.offset
         self._head_ts = chunk.ts_ns
-        self._buf = b""
+        self._drop_buf()
         return self._headers(chunk)
 
     def _looks_like_start(self, data: bytes, *, strict: bool) -> bool:
@@ -367,7 +396,7 @@ class Framer:
             sep = 2
         if end >= 0:
             used = end + sep - before  # bytes of this chunk in the header block
-            self._buf = b""
+            self._drop_buf()
             self._account(used, chunk.ts_ns)
             head_rest = chunk.split(used)[1] if used < chunk.length else None
             self._head_done(buf[: end + sep], truncated=False)
@@ -379,10 +408,12 @@ class Framer:
         if len(buf) > self.max_header_bytes:
             self._invalid("header block larger than the limit")
             return None
-        self._buf = buf
+        if not self._hold(buf):
+            self._head_done(buf, truncated=True)
         return None
 
     def _head_done(self, block: bytes, *, truncated: bool) -> None:
+        self._drop_buf()
         head = parse_head(self._kind, block, truncated=truncated, header_bytes=self.message_bytes)
         if head is None:
             self._invalid("malformed start line or header")
@@ -413,7 +444,7 @@ class Framer:
 
     def _invalid(self, reason: str) -> None:
         self._sink.message_error(self._kind, reason)
-        self._buf = b""
+        self._drop_buf()
         self.in_message = False
         self._fire(Trigger.HEAD_INVALID)
 
@@ -436,14 +467,12 @@ class Framer:
         nl = buf.find(b"\n", max(0, before))
         if nl < 0:
             self._account(chunk.length, chunk.ts_ns)
-            if not chunk.complete or len(buf) > _MAX_CHUNK_LINE:
+            if not chunk.complete or len(buf) > _MAX_CHUNK_LINE or not self._hold(buf):
                 self._lost(chunk)
-            else:
-                self._buf = buf
             return None
         used = nl + 1 - before
         self._account(used, chunk.ts_ns)
-        self._buf = b""
+        self._drop_buf()
         line = buf[:nl].rstrip(b"\r")
         m = _CHUNK_SIZE.match(line)
         rest = chunk.split(used)[1] if used < chunk.length else None
@@ -471,13 +500,11 @@ class Framer:
             end, sep = buf.find(b"\r\n\r\n"), 4
         if end < 0:
             self._account(chunk.length, chunk.ts_ns)
-            if not chunk.complete or len(buf) > self.max_header_bytes:
+            if not chunk.complete or len(buf) > self.max_header_bytes or not self._hold(buf):
                 self._lost(chunk)
-            else:
-                self._buf = buf
             return None
         used = end + sep - before
-        self._buf = b""
+        self._drop_buf()
         self._account(used, chunk.ts_ns)
         self._fire(Trigger.BODY_DONE)
         self._end(chunk.ts_ns, self.message_bytes - self._body_start)
@@ -485,7 +512,7 @@ class Framer:
 
     def _lost(self, chunk: Chunk) -> None:
         """Chunk framing fell into bytes we did not capture: scan for the end."""
-        self._buf = b""
+        self._drop_buf()
         self._window = b""
         self._fire(Trigger.FRAMING_LOST)
         self._scan(chunk)

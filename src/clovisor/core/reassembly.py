@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .budget import UNLIMITED, Budget
+
 _MOD = 1 << 32
 _HALF = 1 << 31
 
@@ -78,6 +80,7 @@ class HalfStream:
     """One direction of a TCP connection: segments in, ordered chunks out."""
 
     __slots__ = (
+        "_budget",
         "_limits",
         "_next_abs",
         "_next_seq",
@@ -87,7 +90,8 @@ class HalfStream:
         "syn_seen",
     )
 
-    def __init__(self, limits: ReassemblyLimits) -> None:
+    def __init__(self, limits: ReassemblyLimits, budget: Budget = UNLIMITED) -> None:
+        self._budget = budget
         self._limits = limits
         self._next_seq: int | None = None  # 32-bit sequence of the next byte
         self._next_abs = 0  # the same position, unwrapped
@@ -149,11 +153,21 @@ class HalfStream:
             data = data[trim:] if trim < len(data) else b""
             offset, length = self._next_abs, length - trim
         chunk = Chunk(offset, length, known_bytes(data, tail, length), tail, ts_ns, packets)
-        if offset == self._next_abs and not self._pending:
+        if offset == self._next_abs:
             self._advance(end)
-            return [chunk]
+            if not self._pending:
+                return [chunk]
+            out = [chunk]
+            out.extend(self._drain())
+            return out
         held = self._pending.get(offset)
         if held is None or held.length < length:
+            if held is not None:
+                self._budget.give(len(held.data))
+            if not self._budget.take(len(chunk.data)):
+                # Over budget: keep the segment by length; its bytes are lost.
+                chunk.data = b""
+                chunk.tail = b""
             self._pending[offset] = chunk
         else:
             self.duplicates += 1
@@ -208,6 +222,7 @@ class HalfStream:
                 break
             for o in sorted(ready):
                 chunk = pending.pop(o)
+                self._budget.give(len(chunk.data))
                 if chunk.end <= self._next_abs:
                     self.duplicates += 1
                     continue

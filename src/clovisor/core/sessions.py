@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from .budget import UNLIMITED, Budget
 from .events import (
     FIN,
     RST,
@@ -68,11 +69,12 @@ class _Pending:
 
 
 class Stats:
-    """Counters a tracker sums over all connections."""
+    """What all connections of a tracker share: counters and the byte budget."""
 
-    __slots__ = ("dropped_requests", "parse_errors", "unpaired_responses")
+    __slots__ = ("budget", "dropped_requests", "parse_errors", "unpaired_responses")
 
-    def __init__(self) -> None:
+    def __init__(self, budget: Budget | None = None) -> None:
+        self.budget = budget or Budget(UNLIMITED.limit)
         self.parse_errors = 0
         self.unpaired_responses = 0  # responses to requests we never saw
         self.dropped_requests = 0  # pending requests beyond the per-connection limit
@@ -97,8 +99,8 @@ class Connection:
         self, endpoints: Endpoints, limits: ReassemblyLimits, stats: Stats, out: list[Session]
     ) -> None:
         self.endpoints = endpoints
-        self.req = HalfStream(limits)
-        self.resp = HalfStream(limits)
+        self.req = HalfStream(limits, stats.budget)
+        self.resp = HalfStream(limits, stats.budget)
         self.fin_client = False
         self.fin_server = False
         self.reset = False
@@ -157,6 +159,12 @@ class Connection:
         for chunk in self.resp.flush():
             self.on_chunk(False, chunk, 0)
         self.on_end(outcome, ts_ns)
+        self.release()
+
+    def release(self) -> None:
+        """Return every held byte to the budget (the connection is dropped)."""
+        self.req.flush()
+        self.resp.flush()
 
     # Subclass hooks.
     def on_chunk(self, is_req: bool, chunk: Chunk, ack: int) -> None:
@@ -239,10 +247,18 @@ class HttpConnection(Connection):
     ) -> None:
         super().__init__(endpoints, limits, stats, out)
         self._req_framer = Framer(
-            Kind.REQUEST, self, synced=synced, max_header_bytes=max_header_bytes
+            Kind.REQUEST,
+            self,
+            synced=synced,
+            max_header_bytes=max_header_bytes,
+            budget=stats.budget,
         )
         self._resp_framer = Framer(
-            Kind.RESPONSE, self, synced=synced, max_header_bytes=max_header_bytes
+            Kind.RESPONSE,
+            self,
+            synced=synced,
+            max_header_bytes=max_header_bytes,
+            budget=stats.budget,
         )
         self._pending: deque[_Pending] = deque()
         self._current: tuple[_Pending, Head, int] | None = None  # request, response head, ts
@@ -315,6 +331,11 @@ class HttpConnection(Connection):
             self._resp_framer.close(ts_ns)
         else:
             self._req_framer.close(ts_ns)
+
+    def release(self) -> None:
+        super().release()
+        self._req_framer.release()
+        self._resp_framer.release()
 
     def on_end(self, outcome: Outcome, ts_ns: int) -> None:
         """Requests still open when the connection ends become error sessions."""

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .budget import Budget
 from .events import SYN, Direction, Outcome, Protocol, Segment, Session
 from .reassembly import ReassemblyLimits, seq_diff
 from .sessions import Connection, Endpoints, HttpConnection, Stats, TcpConnection
@@ -22,6 +23,7 @@ class Limits:
     max_pending_requests: int = 64  # per connection (pipelining depth kept)
     max_header_bytes: int = 65536  # a header block larger than this is an error
     idle_timeout_ns: int = 30_000_000_000  # a pending request then becomes a TIMEOUT
+    max_buffered_bytes: int = 32 << 20  # payload bytes held across segments, all connections
     reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
 
 
@@ -49,6 +51,14 @@ class TrackerStats:
     def dropped_requests(self) -> int:
         return self._conn_stats.dropped_requests
 
+    @property
+    def buffered_bytes(self) -> int:
+        return self._conn_stats.budget.used
+
+    @property
+    def budget_refusals(self) -> int:
+        return self._conn_stats.budget.refused
+
     def as_dict(self) -> dict[str, int]:
         return {
             "segments": self.segments,
@@ -58,6 +68,8 @@ class TrackerStats:
             "parse_errors": self.parse_errors,
             "unpaired_responses": self.unpaired_responses,
             "dropped_requests": self.dropped_requests,
+            "buffered_bytes": self.buffered_bytes,
+            "budget_refusals": self.budget_refusals,
         }
 
 
@@ -71,7 +83,7 @@ class Tracker:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self._conns: OrderedDict[ConnKey, Connection] = OrderedDict()
-        self._conn_stats = Stats()
+        self._conn_stats = Stats(Budget(self.limits.max_buffered_bytes))
         self.stats = TrackerStats(self._conn_stats)
         self._out: list[Session] = []
         self._addr_cache: dict[bytes, str] = {}
@@ -154,6 +166,7 @@ class Tracker:
         conn.feed(seg)
         if conn.finished:
             conns.pop(key, None)
+            conn.release()
 
     def _new_connection(self, key: ConnKey, seg: Segment) -> Connection:
         conns = self._conns

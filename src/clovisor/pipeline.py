@@ -139,8 +139,8 @@ class Tracer:
         except BaseException:
             self._release()
             raise
-        batches: Pipe[Batch] = Pipe(256, "segments")
-        spans: Pipe[list[ReadableSpan]] = Pipe(64, "spans")
+        batches: Pipe[Batch] = Pipe(16, "segments")
+        spans: Pipe[list[ReadableSpan]] = Pipe(16, "spans")
         reader = threading.Thread(target=self._read_loop, args=(batches,), name="ring", daemon=True)
         tracker = Stage("tracker", batches, spans, self._track, finish=self._flush)
         exporter: Stage[list[ReadableSpan], None] = Stage(

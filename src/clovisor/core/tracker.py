@@ -19,7 +19,7 @@ ConnKey = tuple[int, int, bytes, int, bytes, int]  # ifindex, role, client, cpor
 class Limits:
     """Memory and time bounds of the core (documented in the README)."""
 
-    max_connections: int = 65536
+    max_connections: int = 16384
     max_pending_requests: int = 64  # per connection (pipelining depth kept)
     max_header_bytes: int = 65536  # a header block larger than this is an error
     idle_timeout_ns: int = 30_000_000_000  # a pending request then becomes a TIMEOUT

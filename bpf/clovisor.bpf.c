@@ -9,7 +9,9 @@
  *    every path returns TC_ACT_UNSPEC (TCX "next"), so programs attached
  *    after it (another agent's) still run;
  *  - per-packet work is bounded: a fixed number of header loads, at most six
- *    IPv6 extension headers, at most four hash lookups;
+ *    IPv6 extension headers, at most six hash lookups (two `ports`, then
+ *    exact and any-address `egress` rules for each port, only where the
+ *    `ports` entry says such rules exist);
  *  - an untraced packet costs the parse and two bit tests (`port_bits`);
  *    a packet of a traced port one or two hash lookups in `ports`, whose
  *    entry also says whether `egress` rules exist for the port; a pure ACK
@@ -29,7 +31,8 @@
 
 #include "clovisor.h"
 
-char LICENSE[] SEC("license") = "Dual BSD/GPL";
+/* Dual-licensed (SPDX line above); the kernel is told the GPL option. */
+char LICENSE[] SEC("license") = "GPL";
 
 /* Written by the loader before load (frozen .rodata): the verifier sees the
  * values as constants and prunes what they disable. */

@@ -10,11 +10,8 @@ proves that both agree with the C layout and with the object's BTF.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import enum
 import struct
-from collections.abc import Callable
-from typing import Any
 
 from ..core.events import Direction, Protocol, Role, Segment
 from .errors import KernelError
@@ -144,44 +141,6 @@ class MalformedRecord(KernelError):
     """A ring buffer record that is not a clv_segment as this ABI defines it."""
 
 
-# The Segment fields in the order _build_segment takes them.
-_SEGMENT_FIELDS = (
-    "ts_ns", "ifindex", "role", "direction", "protocol", "family", "saddr", "daddr",
-    "sport", "dport", "seq", "ack", "flags", "payload_len", "payload", "tail", "packets",
-)  # fmt: skip
-
-
-def _segment_builder() -> Callable[..., Segment]:
-    """A positional Segment constructor that bypasses the frozen ``__init__``.
-
-    A frozen dataclass sets each field through ``object.__setattr__``: about
-    2-3 µs for Segment's 17 fields here, twice the rest of the decoding.
-    Setting the slots through their descriptors gives the same object (same
-    type, equality, hash, immutability afterwards) in about a third of that.
-    Generated like dataclasses generates ``__init__``; if Segment's fields
-    ever differ from what the decoder fills, the ordinary constructor is used.
-    """
-    if tuple(f.name for f in dataclasses.fields(Segment)) != _SEGMENT_FIELDS or not hasattr(
-        Segment, "__slots__"
-    ):
-
-        def build(*values: object) -> Segment:
-            return Segment(**dict(zip(_SEGMENT_FIELDS, values, strict=True)))  # type: ignore[arg-type]
-
-        return build
-    params = ", ".join(_SEGMENT_FIELDS)
-    body = "".join(f"    _set_{name}(obj, {name})\n" for name in _SEGMENT_FIELDS)
-    source = f"def build({params}):\n    obj = _new(_cls)\n{body}    return obj\n"
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": Segment}
-    for name in _SEGMENT_FIELDS:
-        namespace[f"_set_{name}"] = getattr(Segment, name).__set__
-    exec(source, namespace)
-    built: Callable[..., Segment] = namespace["build"]
-    return built
-
-
-_build_segment = _segment_builder()
-
 # Enum members looked up by value once, not constructed per record.
 _DIRECTIONS = {d.value: d for d in Direction}
 _ROLES = {r.value: r for r in Role}
@@ -225,7 +184,7 @@ def decode_segment(buf: bytes | bytearray | memoryview) -> Segment:
         daddr = daddr[:4]
     elif family != 6:
         raise MalformedRecord(f"address family {family}")
-    return _build_segment(
+    return Segment(
         ts_ns, ifindex, role_, direction, protocol, family,
         saddr, daddr, sport, dport, seq, ack, flags, payload_len,
         bytes(buf[SEGMENT_HEADER_SIZE:end]),

@@ -1,0 +1,1 @@
+"""The Kubernetes DaemonSet agent: discovery, configuration, reconciliation."""

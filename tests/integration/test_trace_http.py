@@ -575,3 +575,72 @@ def test_early_response_then_next_request_in_same_segment(net: Net,
     spans = by_start(t.spans())
     assert [s["url.path"] for s in spans] == ["/early", "/hello"], spans
     assert spans[0]["http.request.body.size"] == UPLOAD_BYTES
+
+
+def test_chunked_request_body(net: Net, tracer: TracerFactory) -> None:
+    """A chunked upload (nginx de-chunks it for the sink), then a request on the same connection."""
+    n = 200_000
+    t = tracer(net.nginx.host_ifname)
+    net.curl("-o", "/dev/null", "--data-binary", "@-", "-H", "Transfer-Encoding: chunked",
+             "-H", "Expect:", url(net, "nginx", "/upload?chunked=1"),
+             "--next", "-sS", "-o", "/dev/null", url(net, "nginx", "/hello?after=chunked"),
+             input=b"c" * n)
+    assert_clean_exit(t)
+    spans = by_start(t.spans())
+    assert [s["url.query"] for s in spans] == ["chunked=1", "after=chunked"], spans
+    up = spans[0]
+    assert up["http.request.method"] == "POST"
+    assert up["http.response.status_code"] == 200
+    # On the wire: the data plus chunk-size lines and the last-chunk.
+    assert n < up["http.request.body.size"] < n + 2000, up.attrs
+    assert spans[1]["client.port"] == up["client.port"]
+
+
+def test_small_capture_still_pairs(net: Net, tracer: TracerFactory) -> None:
+    """With a 64-byte capture the header blocks are cut short, yet pairing holds."""
+    t = tracer(net.nginx.host_ifname, "--capture-bytes", "64")
+    net.curl("-A", "x" * 200, url(net, "nginx", "/hello?cap=1"), url(net, "nginx", "/missing"),
+             url(net, "nginx", "/index.txt"))
+    assert_clean_exit(t)
+    spans = by_start(t.spans())
+    assert len(spans) == 3, spans
+    assert [s["http.request.method"] for s in spans] == ["GET"] * 3
+    assert [s["url.path"] for s in spans] == ["/hello", "/missing", "/index.txt"]
+    assert [s["http.response.status_code"] for s in spans] == [200, 404, 200]
+    assert all(s["clovisor.request.header_truncated"] for s in spans)
+    assert len({s["client.port"] for s in spans}) == 1
+
+
+def test_egress_any_address(net: Net, tracer: TracerFactory) -> None:
+    t = tracer(net.client.host_ifname, "--egress", f"0:{PORT}", port=None)
+    net.curl(url(net, "nginx", "/hello?any=1"), "-o", "/dev/null")
+    net.curl(url(net, "py", "/?any=2"), "-o", "/dev/null")
+    assert_clean_exit(t)
+    spans = by_start(t.spans())
+    assert [(s.kind, s["server.address"], s["url.query"]) for s in spans] == [
+        (SPAN_KIND_CLIENT, net.nginx.ipv4, "any=1"), (SPAN_KIND_CLIENT, net.py.ipv4, "any=2")]
+
+
+_BEHIND_A_BODY_GAP = pytest.mark.xfail(strict=False, reason=(
+    "known gap: a pipelined request whose header starts beyond the captured prefix of a "
+    "segment (here behind a 3000-byte body in the same send) is never seen; its response "
+    "goes unpaired and no span or totals counter reports it. --capture-bytes 8192 covers it"))
+
+
+@pytest.mark.parametrize("capture", [pytest.param("default", marks=_BEHIND_A_BODY_GAP), "8192"])
+def test_pipelined_request_behind_a_body(net: Net, tracer: TracerFactory, capture: str) -> None:
+    t = tracer(net.nginx.host_ifname, *(["--capture-bytes", capture] if capture != "default"
+                                        else []))
+    host = f"Host: {net.nginx.ipv4}\r\n"
+    body = b"b" * 3000
+    reqs = (f"POST /upload?pipe=1 HTTP/1.1\r\n{host}Content-Length: {len(body)}\r\n\r\n"
+            .encode() + body + f"GET /hello?pipe=2 HTTP/1.1\r\n{host}\r\n".encode())
+    with net.client_socket(net.nginx.ipv4, nodelay=True) as s:
+        s.sendall(reqs)
+        f = s.makefile("rb")
+        resps = [read_response(f) for _ in range(2)]
+    assert [r.status for r in resps] == [200, 200]
+    assert_clean_exit(t)
+    spans = by_start(t.spans())
+    assert [s["url.query"] for s in spans] == ["pipe=1", "pipe=2"], spans
+    assert spans[0]["http.request.body.size"] == len(body)

@@ -1,0 +1,154 @@
+"""The agent's pure core: pods + services + Redis config -> what to trace here.
+
+No I/O: the watcher and the Redis source feed it snapshots, the reconciler
+applies its answer. The rules are the original Clovisor's (see
+``shared/ORIGINAL.md``): pods of the namespaces/labels in
+``clovisor_labels``, protocol per port from the service port name (Istio
+style) or ``appProtocol``, only pods on this node that are Running with an
+IP and whose container ports match the service's target ports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .model import (
+    AgentConfig,
+    ContainerPort,
+    EgressRule,
+    LabelRule,
+    PodInfo,
+    ServiceInfo,
+    ServicePort,
+    Target,
+    TracedPort,
+)
+
+BUILTIN_PROTOCOLS = frozenset({"http", "tcp"})
+
+# appProtocol values (Kubernetes standard and IANA names) that mean HTTP/1.x.
+_HTTP_APP_PROTOCOLS = frozenset({"http", "kubernetes.io/http", "http/1.1", "http/1.0"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Desired:
+    targets: dict[str, Target]  # by pod key (namespace/name)
+    skipped: tuple[tuple[str, str], ...]  # (pod key, why) worth a log line
+
+
+def port_protocol(port: ServicePort, known: frozenset[str] = BUILTIN_PROTOCOLS) -> str | None:
+    """The protocol a service port carries, or None if Clovisor does not parse it.
+
+    ``appProtocol`` wins when set; otherwise the Istio naming convention:
+    ``<protocol>`` or ``<protocol>-<suffix>`` (``http``, ``http-web``).
+    """
+    if port.protocol.upper() != "TCP":
+        return None
+    app = port.app_protocol.lower()
+    if app:
+        if app in _HTTP_APP_PROTOCOLS:
+            return "http"
+        return app if app in known else None
+    prefix = port.name.lower().split("-", 1)[0]
+    return prefix if prefix in known else None
+
+
+def selected(pod: PodInfo, rules: Sequence[LabelRule]) -> bool:
+    """Whether any ``clovisor_labels`` rule selects the pod (rules are OR-ed)."""
+    labels = pod.label_map()
+    for rule in rules:
+        if rule.namespace != pod.namespace:
+            continue
+        if not rule.key or labels.get(rule.key) == rule.value:
+            return True
+    return False
+
+
+def _matches_selector(pod: PodInfo, svc: ServiceInfo) -> bool:
+    if not svc.selector or svc.namespace != pod.namespace:
+        return False
+    labels = pod.label_map()
+    return all(labels.get(k) == v for k, v in svc.selector)
+
+
+def _container_port(pod: PodInfo, target: int | str) -> ContainerPort | None:
+    for cp in pod.container_ports:
+        if cp.protocol.upper() != "TCP":
+            continue
+        if (isinstance(target, int) and cp.port == target) or (
+            isinstance(target, str) and cp.name and cp.name == target
+        ):
+            return cp
+    return None
+
+
+def _egress_for(pod: PodInfo, rules: Iterable[EgressRule]) -> tuple[EgressRule, ...]:
+    return tuple(r for r in rules if not r.pod_prefix or pod.name.startswith(r.pod_prefix))
+
+
+def compute(
+    pods: Iterable[PodInfo],
+    services: Iterable[ServiceInfo],
+    config: AgentConfig,
+    node_name: str,
+    known_protocols: frozenset[str] = BUILTIN_PROTOCOLS,
+) -> Desired:
+    """The pods to trace on ``node_name`` and how."""
+    svcs = sorted(
+        (s for s in services if not (s.namespace == "default" and s.name == "kubernetes")),
+        key=lambda s: (s.namespace, s.name),
+    )
+    targets: dict[str, Target] = {}
+    skipped: list[tuple[str, str]] = []
+    for pod in sorted(pods, key=lambda p: p.key):
+        if pod.node_name != node_name or not selected(pod, config.labels):
+            continue
+        if pod.host_network:
+            skipped.append((pod.key, "hostNetwork pod: it has no veth of its own"))
+            continue
+        if pod.phase != "Running" or not pod.ip or pod.deleting:
+            continue
+        ports: dict[int, TracedPort] = {}
+        service_name = ""
+        containers: list[str] = []
+        for svc in svcs:
+            if not _matches_selector(pod, svc):
+                continue
+            for sp in svc.ports:
+                proto = port_protocol(sp, known_protocols)
+                if proto is None:
+                    continue
+                cp = _container_port(pod, sp.target_port)
+                if cp is None:
+                    continue  # the pod does not expose what the service targets
+                if cp.port not in ports:
+                    ports[cp.port] = TracedPort(port=cp.port, protocol=proto)
+                    service_name = service_name or svc.name
+                    if cp.container not in containers:
+                        containers.append(cp.container)
+        egress = _egress_for(pod, config.egress)
+        if not ports and not egress:
+            continue
+        name = service_name or pod.label_map().get("app.kubernetes.io/name") or (
+            pod.label_map().get("app") or pod.name
+        )
+        resource = [
+            ("k8s.namespace.name", pod.namespace),
+            ("k8s.pod.name", pod.name),
+            ("k8s.node.name", node_name),
+        ]
+        if pod.uid:
+            resource.append(("k8s.pod.uid", pod.uid))
+        if containers:
+            resource.append(("k8s.container.name", containers[0]))
+        targets[pod.key] = Target(
+            pod_key=pod.key,
+            pod_ip=pod.ip,
+            pod_ips=pod.ips or (pod.ip,),
+            ports=tuple(sorted(ports.values(), key=lambda p: p.port)),
+            egress=egress,
+            service_name=name,
+            resource=tuple(resource),
+        )
+    return Desired(targets=targets, skipped=tuple(skipped))

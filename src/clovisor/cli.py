@@ -154,36 +154,49 @@ def _require_root() -> None:
 
 
 def _trace(args: argparse.Namespace) -> int:
+    from opentelemetry.sdk.resources import Resource
+
     from .core.tracker import Limits
     from .export import ExporterConfigError
     from .kernel.abi import CLV_CAPTURE_MAX
     from .kernel.errors import KernelError
-    from .pipeline import TraceOptions, Tracer
+    from .pipeline import InterfaceTarget, Tracer, TracerSettings, resolve_interface
 
     if not 0 < args.capture_bytes <= CLV_CAPTURE_MAX:
         raise UsageError(f"--capture-bytes must be between 1 and {CLV_CAPTURE_MAX}")
     if not args.port and not args.egress:
         raise UsageError("nothing to trace: give --port and/or --egress")
-    options = TraceOptions(
-        interfaces=tuple(dict.fromkeys(args.iface)),
-        ports=tuple(args.port),
-        egress=tuple(args.egress),
-        service=args.service,
-        resource_attrs=tuple(args.resource_attr),
+    ifnames = tuple(dict.fromkeys(args.iface))
+    try:
+        for name in ifnames:
+            resolve_interface(name)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
+    if os.geteuid() != 0:
+        _require_root()
+    extra = dict(args.resource_attr)
+    targets = [
+        InterfaceTarget(
+            ifname=name,
+            ports=tuple(args.port),
+            egress=tuple(args.egress),
+            resource=Resource.create({"service.name": args.service or name, **extra}),
+        )
+        for name in ifnames
+    ]
+    settings = TracerSettings(
         capture_bytes=args.capture_bytes,
         attach_mode=args.attach_mode,
         limits=Limits(idle_timeout_ns=int(args.idle_timeout * 1e9)),
     )
-    if os.geteuid() != 0:
-        _require_root()
     exporters: list[Exporter] = []
     try:
         exporters = [_exporter(o) for o in (args.output or [OutputSpec(kind="console")])]
-        tracer = Tracer(options, exporters)
-    except (ExporterConfigError, SpecError) as exc:
+    except ExporterConfigError as exc:
         for e in exporters:
             e.shutdown()
         raise UsageError(str(exc)) from None
+    tracer = Tracer(settings, exporters)
     tracer.count = args.count
     stop = threading.Event()
 
@@ -194,12 +207,13 @@ def _trace(args: argparse.Namespace) -> int:
     try:
         try:
             tracer.start()
-        except KernelError as exc:
-            for e in exporters:
-                e.shutdown()
+            for target in targets:
+                tracer.set_interface(target)
+        except (KernelError, SpecError) as exc:
+            tracer.stop()
             raise UsageError(f"cannot start tracing: {exc}") from None
         print(
-            f"clovisor: tracing {', '.join(options.interfaces)} "
+            f"clovisor: tracing {', '.join(ifnames)} "
             f"({', '.join(a.mode for a in tracer.attachments)}); Ctrl-C to stop",
             file=sys.stderr,
         )

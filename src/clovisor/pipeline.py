@@ -14,7 +14,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,7 +23,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 
 from .clock import MonotonicToWall
-from .core.events import Segment
+from .core.events import Segment, Session
 from .core.tracker import Limits, Tracker
 from .export import Exporter
 from .export.ids import FastIdGenerator
@@ -42,17 +42,28 @@ _ADVANCE_NS = 250_000_000  # how often the tracker lets time pass (timeouts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TraceOptions:
-    interfaces: tuple[str, ...]
-    ports: tuple[PortSpec, ...] = ()
-    egress: tuple[EgressSpec, ...] = ()
-    service: str | None = None  # service.name; default: the interface name
-    resource_attrs: tuple[tuple[str, str], ...] = ()
+class TracerSettings:
+    """Load-time settings of the classifier and the core."""
+
     capture_bytes: int = DEFAULT_CAPTURE_BYTES
     attach_mode: Literal["auto", "tcx", "clsact"] = "auto"
     ring_bytes: int = 4 << 20
     limits: Limits = field(default_factory=Limits)
     bpf_object: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InterfaceTarget:
+    """One interface to trace and what to trace on it."""
+
+    ifname: str
+    ports: tuple[PortSpec, ...] = ()
+    egress: tuple[EgressSpec, ...] = ()
+    resource: Resource = field(default_factory=Resource.get_empty)
+
+
+SessionObserver = Callable[[list[Session]], None]
+SpanFilter = Callable[[ReadableSpan], bool]
 
 
 @dataclass(slots=True)
@@ -87,55 +98,63 @@ def resolve_interface(name: str) -> int:
 
 
 class Tracer:
-    """One classifier object, hooks on some interfaces, one pipeline."""
+    """One classifier object, hooks on a changing set of interfaces, one pipeline.
 
-    def __init__(self, options: TraceOptions, exporters: Sequence[Exporter]) -> None:
-        if not options.interfaces:
-            raise SpecError("at least one --iface is needed")
-        if not options.ports and not options.egress:
-            raise SpecError("nothing to trace: give --port and/or --egress")
-        self.options = options
-        self.exporters = list(exporters)
-        self._ifindex = {name: resolve_interface(name) for name in options.interfaces}
-        self._names = {i: n for n, i in self._ifindex.items()}
-        self._resources = {
-            i: Resource.create(
-                {"service.name": options.service or n, **dict(options.resource_attrs)}
-            )
-            for n, i in self._ifindex.items()
-        }
-        self.tracker = Tracker(options.limits)
-        self.sessions = 0
+    ``clovisor trace`` sets its interfaces once; the agent adds, updates and
+    removes them as pods come and go (:meth:`set_interface`,
+    :meth:`remove_interface`), and swaps exporters when the Jaeger endpoint
+    changes (:meth:`set_exporters`). Control calls come from one thread at a
+    time; the stages read shared state through atomically replaced dicts.
+    """
+
+    def __init__(
+        self,
+        settings: TracerSettings,
+        exporters: Sequence[Exporter],
+        *,
+        observers: Sequence[SessionObserver] = (),
+        span_filter: SpanFilter | None = None,
+    ) -> None:
+        self.settings = settings
+        self._exporters: tuple[Exporter, ...] = tuple(exporters)
+        self._exporters_lock = threading.Lock()
+        self._observers = tuple(observers)
+        self._span_filter = span_filter
+        self.tracker = Tracker(settings.limits)
+        self.sessions = 0  # sessions handed to the exporters
+        self.sampled_out = 0
         self.export_failures = 0
-        self.done = threading.Event()  # set when --count sessions were exported
+        self.done = threading.Event()  # set when ``count`` sessions were exported
         self.count: int | None = None
+        self.ready = threading.Event()  # the classifier is loaded and the stages run
         self._stop = threading.Event()
         self._obj: BpfObject | None = None
         self._reader: RingReader | None = None
-        self._attachments: list[Attachment] = []
+        self._targets: dict[str, InterfaceTarget] = {}
+        self._attachments: dict[str, Attachment] = {}
+        self._ifindex: dict[str, int] = {}
+        # Read by the tracker stage: replaced whole, never mutated in place.
+        self._resources: dict[int, Resource] = {}
+        self._names: dict[int, str] = {}
+        self._default_resource = Resource.create({})
         self._threads: list[threading.Thread] = []
         self._clock = MonotonicToWall()
         self._ids = FastIdGenerator()
         self._last_advance = 0
         self._stopped = False
+        self._final: Totals | None = None
+        self.heartbeat = time.monotonic()  # the stages' last sign of life (liveness)
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
-        opts = self.options
+        """Load the classifier and start the stages (no interface yet)."""
+        st = self.settings
         try:
-            self._obj = obj = BpfObject(
-                opts.bpf_object, capture_bytes=opts.capture_bytes, ring_bytes=opts.ring_bytes
+            self._obj = BpfObject(
+                st.bpf_object, capture_bytes=st.capture_bytes, ring_bytes=st.ring_bytes
             )
-            for ifindex in self._ifindex.values():
-                for p in opts.ports:
-                    obj.set_server_port(ifindex, p.port, p.protocol)
-                for e in opts.egress:
-                    obj.set_egress(ifindex, e.port, e.addr, e.protocol)
-            self._reader = RingReader(obj)
-            ingress, egress = obj.prog_fd("clv_tc_ingress"), obj.prog_fd("clv_tc_egress")
-            for ifindex in self._ifindex.values():
-                self._attachments.append(attach(ifindex, ingress, egress, opts.attach_mode))
+            self._reader = RingReader(self._obj)
         except BaseException:
             self._release()
             raise
@@ -149,24 +168,19 @@ class Tracer:
         self._threads = [reader, tracker, exporter]
         for t in self._threads:
             t.start()
-        log.info(
-            "tracing %s (%s)",
-            ", ".join(self._ifindex),
-            ", ".join(f"{a.ifname}:{a.mode}" for a in self._attachments),
-        )
+        self.ready.set()
 
     def stop(self, timeout: float = 10.0) -> Totals:
         """Detach, drain, flush and shut down; idempotent."""
-        if not self._stopped:
-            self._stopped = True
-            self._detach()  # first: nothing new enters the ring
+        if self._final is None:
+            self.ready.clear()
+            self._detach_all()  # first: nothing new enters the ring
             self._stop.set()
             deadline = time.monotonic() + timeout
             for t in self._threads:
                 t.join(max(0.0, deadline - time.monotonic()))
-            totals = self.totals()
+            self._final = self.totals()
             self._release()
-            self._final = totals
         return self._final
 
     def totals(self) -> Totals:
@@ -180,9 +194,78 @@ class Tracer:
             export_failures=self.export_failures,
         )
 
+    # -- targets ---------------------------------------------------------------------
+
+    def set_interface(self, target: InterfaceTarget) -> None:
+        """Trace ``target.ifname`` as described; attach if it is new.
+
+        Map entries are added before stale ones are removed, so a port that
+        stays traced is never briefly untraced.
+        """
+        obj = self._obj
+        if obj is None:
+            raise RuntimeError("Tracer.start() first")
+        ifindex = resolve_interface(target.ifname)
+        old = self._targets.get(target.ifname)
+        if old is not None and self._ifindex.get(target.ifname) != ifindex:
+            self.remove_interface(target.ifname)  # same name, new interface
+            old = None
+        for p in target.ports:
+            obj.set_server_port(ifindex, p.port, p.protocol)
+        for e in target.egress:
+            obj.set_egress(ifindex, e.port, e.addr, e.protocol)
+        if old is not None:
+            keep_ports = {p.port for p in target.ports}
+            for p in old.ports:
+                if p.port not in keep_ports:
+                    obj.remove_server_port(ifindex, p.port)
+            keep_egress = {(e.port, e.addr) for e in target.egress}
+            for e in old.egress:
+                if (e.port, e.addr) not in keep_egress:
+                    obj.remove_egress(ifindex, e.port, e.addr)
+        self._resources = {**self._resources, ifindex: target.resource}
+        self._names = {**self._names, ifindex: target.ifname}
+        self._targets[target.ifname] = target
+        self._ifindex[target.ifname] = ifindex
+        if target.ifname not in self._attachments:
+            try:
+                att = attach(ifindex, obj.prog_fd("clv_tc_ingress"), obj.prog_fd("clv_tc_egress"),
+                             self.settings.attach_mode)
+            except BaseException:
+                obj.clear_ifindex(ifindex)
+                del self._targets[target.ifname], self._ifindex[target.ifname]
+                raise
+            self._attachments[target.ifname] = att
+            log.info("attached to %s (ifindex %d, %s)", target.ifname, ifindex, att.mode)
+
+    def remove_interface(self, ifname: str) -> None:
+        """Stop tracing ``ifname``: detach and clear its map entries."""
+        att = self._attachments.pop(ifname, None)
+        if att is not None:
+            try:
+                att.detach()
+            except Exception as exc:
+                log.error("detaching from %s failed: %s", ifname, exc)
+        ifindex = self._ifindex.pop(ifname, None)
+        self._targets.pop(ifname, None)
+        if ifindex is not None and self._obj is not None:
+            self._obj.clear_ifindex(ifindex)
+        log.info("detached from %s", ifname)
+
+    def interfaces(self) -> dict[str, InterfaceTarget]:
+        return dict(self._targets)
+
     @property
     def attachments(self) -> list[Attachment]:
-        return list(self._attachments)
+        return list(self._attachments.values())
+
+    def set_exporters(self, exporters: Sequence[Exporter]) -> None:
+        """Replace the exporters; the old ones are flushed and shut down."""
+        with self._exporters_lock:
+            old, self._exporters = self._exporters, tuple(exporters)
+        for e in old:
+            if e not in self._exporters:
+                self._shutdown_one(e)
 
     # -- stages ---------------------------------------------------------------------
 
@@ -192,6 +275,7 @@ class Tracer:
         try:
             while not self._stop.is_set():
                 segs = reader.poll(_POLL_MS)
+                self.heartbeat = time.monotonic()
                 out.put(Batch(segs, time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
             # The hooks are gone: what is left in the ring is all there will be.
             segs = reader.poll(0)
@@ -208,25 +292,44 @@ class Tracer:
             self._last_advance = batch.now_ns
             sessions += tracker.advance(batch.now_ns)
             self._clock.resample_if_due()
-        return [self._spans(sessions)] if sessions else []
+        return self._spans(sessions)
 
     def _flush(self) -> list[list[ReadableSpan]]:
-        sessions = self.tracker.close()
-        return [self._spans(sessions)] if sessions else []
+        return self._spans(self.tracker.close())
 
-    def _spans(self, sessions: list) -> list[ReadableSpan]:  # type: ignore[type-arg]
-        to_wall, ids, res, names = self._clock.to_wall, self._ids, self._resources, self._names
-        return [
+    def _spans(self, sessions: list[Session]) -> list[list[ReadableSpan]]:
+        if not sessions:
+            return []
+        for observe in self._observers:
+            try:
+                observe(sessions)
+            except Exception:
+                log.exception("session observer failed")
+        to_wall, ids, names = self._clock.to_wall, self._ids, self._names
+        res, default = self._resources, self._default_resource
+        spans = [
             session_to_span(
-                s, resource=res[s.ifindex], to_wall=to_wall, ids=ids, interface_names=names
+                s,
+                resource=res.get(s.ifindex, default),
+                to_wall=to_wall,
+                ids=ids,
+                interface_names=names,
             )
             for s in sessions
         ]
+        keep = self._span_filter
+        if keep is not None:
+            before = len(spans)
+            spans = [sp for sp in spans if keep(sp)]
+            self.sampled_out += before - len(spans)
+        return [spans] if spans else []
 
     def _export(self, spans: list[ReadableSpan]) -> list[None]:
         if self.count is not None:
             spans = spans[: max(0, self.count - self.sessions)]
-        for exporter in self.exporters:
+        with self._exporters_lock:
+            exporters = self._exporters
+        for exporter in exporters:
             try:
                 exporter.export(spans)
             except Exception as exc:
@@ -238,24 +341,31 @@ class Tracer:
         return []
 
     def _shutdown_exporters(self) -> list[None]:
-        for exporter in self.exporters:
-            try:
-                exporter.shutdown()
-            except Exception as exc:
-                log.error("shutting down %s failed: %s", type(exporter).__name__, exc)
+        with self._exporters_lock:
+            exporters = self._exporters
+        for exporter in exporters:
+            self._shutdown_one(exporter)
         return []
+
+    @staticmethod
+    def _shutdown_one(exporter: Exporter) -> None:
+        try:
+            exporter.shutdown()
+        except Exception as exc:
+            log.error("shutting down %s failed: %s", type(exporter).__name__, exc)
 
     # -- teardown ---------------------------------------------------------------
 
-    def _detach(self) -> None:
-        for att in self._attachments:
+    def _detach_all(self) -> None:
+        for ifname in list(self._attachments):
+            att = self._attachments.pop(ifname)
             try:
                 att.detach()
             except Exception as exc:
-                log.error("detaching from %s failed: %s", att.ifname, exc)
+                log.error("detaching from %s failed: %s", ifname, exc)
 
     def _release(self) -> None:
-        self._detach()
+        self._detach_all()
         if self._reader is not None:
             with contextlib.suppress(Exception):
                 self._reader.close()

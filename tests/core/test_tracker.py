@@ -385,3 +385,29 @@ def test_out_of_order_bytes_are_budgeted() -> None:
     assert t.stats.buffered_bytes == 0
     out = t.feed_many(c.response(ok())) + t.close()
     assert len(out) == 1 and out[0].request is not None and out[0].request.target == "/ooo"
+
+
+def test_request_behind_a_body_beyond_the_capture_is_still_a_session() -> None:
+    """A pipelined request whose head lies beyond the captured prefix of one segment."""
+    c = Conversation(capture=128)
+    body = b"b" * 3000
+    post = b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 3000\r\n\r\n" + body
+    segs = c.handshake() + c.request(post + get("/hidden"))  # one segment: head, body, GET
+    segs += c.response(ok(b"up")) + c.response(ok(b"hidden!"))
+    segs += c.request(get("/visible")) + c.response(ok(b"v"))
+    out, _ = run(segs + c.close())
+    assert [(s.request.method, s.request.target) for s in out if s.request] == [
+        ("POST", "/up"), ("", ""), ("GET", "/visible")]
+    hidden = out[1]
+    assert hidden.request is not None and hidden.request.header_truncated
+    assert hidden.response is not None and hidden.response.body_size == 7
+    assert out[0].request is not None and out[0].request.body_size == 3000
+
+
+def test_early_response_keeps_the_declared_body_size() -> None:
+    c = Conversation()
+    head = b"POST /big HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n"
+    segs = c.handshake() + c.request(head + b"x" * 100)
+    segs += c.response(ok(b"nope", status="413 Payload Too Large"))
+    out, _ = run(segs)
+    assert out[0].request is not None and out[0].request.body_size == 100_000

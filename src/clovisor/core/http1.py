@@ -285,6 +285,8 @@ class Framer:
         """Consume a prefix of the chunk; return what is left of it."""
         state = self._state
         if not chunk.data and state not in (State.BODY_LENGTH, State.CHUNK_DATA):
+            if state is State.IDLE:
+                return self._unseen_start(chunk, ack)
             return self._gap(chunk)
         if state is State.IDLE or state is State.SEEK or state is State.BODY_UNKNOWN:
             return self._start(chunk, ack)
@@ -303,6 +305,25 @@ class Framer:
             return None
         self._fire(Trigger.SKIP)  # TUNNEL
         return None
+
+    def _unseen_start(self, chunk: Chunk, ack: int) -> None:
+        """A message starts here (we are at a boundary) but none of it was captured.
+
+        Typically a pipelined request queued right behind a body in one GSO
+        segment, beyond the captured prefix. Its head is unknown, yet it is a
+        message: registering it keeps the pairing of the next responses right
+        and the session count complete. Framing resumes at the next visible
+        message start.
+        """
+        self._fire(Trigger.START)
+        self.in_message = True
+        self.message_bytes = 0
+        self.message_packets = chunk.packets
+        self.ack = ack
+        self.start_offset = chunk.offset
+        self._head_ts = chunk.ts_ns
+        self._account(chunk.length, chunk.ts_ns)
+        self._head_done(b"", truncated=True)
 
     def _gap(self, chunk: Chunk) -> Chunk | None:
         """Bytes whose content mattered but was not captured."""
@@ -581,6 +602,8 @@ def body_framing(head: Head, request_method: str | None) -> _Framing:
 
 def parse_head(kind: Kind, block: bytes, *, truncated: bool, header_bytes: int) -> Head | None:
     """Parse a header block (possibly cut short); None if it is not HTTP/1.x."""
+    if truncated and not block:
+        return Head(kind=kind, version="", truncated=True, header_bytes=header_bytes)
     lines = block.split(b"\n")
     start = lines[0].rstrip(b"\r")
     method = target = reason = ""

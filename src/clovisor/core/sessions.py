@@ -63,7 +63,9 @@ class _Pending:
         self.start_seq = start_seq  # 32-bit sequence number of its first byte
         self.ended = False
         self.answered = False  # a response head was paired with it
-        self.body_size: int | None = None
+        # Content-Length states the size before the body is seen; answered
+        # early (a 413, say), the request still had that body.
+        self.body_size: int | None = head.content_length if not head.chunked else None
         self.packets = 0
         self.bytes = 0
 

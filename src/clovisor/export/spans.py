@@ -394,7 +394,9 @@ def session_to_span(
         name = "HTTP"
         if req is not None:
             method = req.method
-            if method in KNOWN_METHODS:
+            if not method:
+                pass  # the request's header block was never captured
+            elif method in KNOWN_METHODS:
                 attrs["http.request.method"] = method
                 name = method
             else:
@@ -403,7 +405,8 @@ def session_to_span(
                 # Semconv: unknown methods never become span names, which
                 # would let any client blow up span-name cardinality.
 
-            scheme, authority, path, query = _split_target(_clean(req.target))
+            if req.target:
+                scheme, authority, path, query = _split_target(_clean(req.target))
             if path is not None:
                 path = _redact_path(path)
                 attrs["url.path"] = path
@@ -441,7 +444,8 @@ def session_to_span(
             attrs["network.protocol.version"] = _clean(version)
 
         if resp is not None:
-            attrs["http.response.status_code"] = resp.status_code
+            if resp.status_code:  # 0: the status line was never captured
+                attrs["http.response.status_code"] = resp.status_code
             _add_headers(attrs, resp.headers, _resp_header_keys, "http.response.header.")
             if resp.body_size is not None:
                 attrs["http.response.body.size"] = resp.body_size

@@ -306,7 +306,7 @@ class Framer:
         self._fire(Trigger.SKIP)  # TUNNEL
         return None
 
-    def _unseen_start(self, chunk: Chunk, ack: int) -> None:
+    def _unseen_start(self, chunk: Chunk, ack: int) -> Chunk | None:
         """A message starts here (we are at a boundary) but none of it was captured.
 
         Typically a pipelined request queued right behind a body in one GSO
@@ -324,6 +324,7 @@ class Framer:
         self._head_ts = chunk.ts_ns
         self._account(chunk.length, chunk.ts_ns)
         self._head_done(b"", truncated=True)
+        return None
 
     def _gap(self, chunk: Chunk) -> Chunk | None:
         """Bytes whose content mattered but was not captured."""

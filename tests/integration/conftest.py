@@ -185,8 +185,10 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     conf = write_nginx_conf(nginx_dir)
     with Topology(prefix="clvi", pods=("nginx", "py", "client")) as topo:
         n = Net(topo, tmp, nginx_dir)
-        topo.spawn(n.nginx.netns, ["nginx", "-c", str(conf), "-e", str(nginx_dir / "error.log")],
-                   stdout=subprocess.DEVNULL, stderr=(nginx_dir / "stderr.log").open("wb"))
+        with open(nginx_dir / "stderr.log", "wb") as nginx_stderr:
+            topo.spawn(n.nginx.netns,
+                       ["nginx", "-c", str(conf), "-e", str(nginx_dir / "error.log")],
+                       stdout=subprocess.DEVNULL, stderr=nginx_stderr)
         topo.spawn(n.py.netns, [sys.executable, "-m", "clovisor.demo_server", "--port", str(PORT)],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for pod in (n.nginx, n.py):

@@ -1,0 +1,78 @@
+"""The server under test: Debian's nginx, configured in a temporary directory."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+from clovisor.topology import in_netns
+
+PORT = 8080  # traced
+STATUS_PORT = 8081  # nginx stub_status: the server's own request count, never traced
+PATH = "/hello"
+BODY = "hello from nginx\n"
+
+CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    keepalive_timeout 65;
+    keepalive_requests 10000000;
+    server {{
+        listen {port} reuseport backlog=4096;
+        location = {path} {{ default_type text/plain; return 200 "{body}"; }}
+    }}
+    server {{
+        listen {status_port};
+        location = /status {{ stub_status; }}
+    }}
+}}
+"""
+
+
+def write_conf(d: Path) -> Path:
+    """Write nginx.conf (pid, logs and temp files all under ``d``) and return its path."""
+    (d / "tmp").mkdir(parents=True, exist_ok=True)
+    conf = d / "nginx.conf"
+    body = BODY.replace("\n", "\\n")
+    conf.write_text(CONF.format(d=d, port=PORT, status_port=STATUS_PORT, path=PATH, body=body))
+    return conf
+
+
+def argv(conf: Path) -> list[str]:
+    return ["nginx", "-c", str(conf), "-e", str(conf.parent / "error.log")]
+
+
+_REQUESTS = re.compile(rb"\n\s*\d+\s+\d+\s+(\d+)\s*\n")
+
+
+def handled_requests(netns: str, addr: str, timeout: float = 5.0) -> int:
+    """nginx's total request count (stub_status), asked from inside ``netns``.
+
+    The answer counts the status request itself.
+    """
+    with in_netns(netns):
+        sock = socket.create_connection((addr, STATUS_PORT), timeout=timeout)
+    try:
+        sock.sendall(b"GET /status HTTP/1.0\r\nHost: bench\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    finally:
+        sock.close()
+    m = _REQUESTS.search(data)
+    if m is None:
+        raise RuntimeError(f"unexpected stub_status answer: {data!r}")
+    return int(m.group(1))

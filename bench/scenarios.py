@@ -1,0 +1,325 @@
+"""One measured run: a workload under one scenario (untraced, clovisor, tshark).
+
+The tracer (``clovisor trace`` or tshark) runs in the node namespace on the
+server pod's host veth, started before the client and stopped after the
+client finished and the tracer went quiet, so the CPU it spends draining a
+backlog is counted too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from clovisor.topology import Pod, Topology
+
+from . import nginx
+from .clients import ClientResult, Workload, parse
+from .procstat import TreeSample, bpf_stats_enabled, prog_stats, sample_tree
+
+SCENARIOS = ("untraced", "clovisor", "tshark")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 60.0
+SETTLE_CAP = 20.0
+
+TOTALS_RE = re.compile(
+    r"segments seen (?P<segments>\d+), events lost (?P<events_lost>\d+), "
+    r"sessions emitted (?P<sessions>\d+), parse errors (?P<parse_errors>\d+)"
+)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Env:
+    """What every run shares: the topology, the server and client pods, a scratch dir."""
+
+    topo: Topology
+    server: Pod
+    client: Pod
+    tmp: Path
+    duration: float
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.ipv4}:{nginx.PORT}{nginx.PATH}"
+
+    def server_requests(self) -> int:
+        return nginx.handled_requests(self.topo.node_ns, self.server.ipv4)
+
+
+@dataclass
+class RunResult:
+    workload: str
+    label: str
+    scenario: str
+    offered_rps: int | None  # None: unthrottled
+    keepalive: bool
+    tool: str
+    duration_s: float
+    # client side
+    requests: int
+    client_errors: int
+    non_2xx: int
+    achieved_rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    latency_resolution_ms: float
+    # server side (nginx stub_status), the exact number of exchanges on the wire
+    server_requests: int
+    # tracer side (None for untraced)
+    traced: int | None = None  # clovisor: sessions emitted; tshark: responses decoded
+    completeness: float | None = None  # traced / requests (client)
+    completeness_server: float | None = None  # traced / server_requests
+    events_lost: int | None = None
+    parse_errors: int | None = None
+    segments: int | None = None
+    cpu_s: float | None = None
+    cpu_s_per_1k_req: float | None = None
+    cpu_us_per_req: float | None = None
+    cpu_core_pct: float | None = None  # cpu_s over the client's run time
+    peak_rss_mib: float | None = None
+    settle_s: float | None = None
+    kernel_ns_per_run: float | None = None
+    kernel_runs: int | None = None
+    kernel_runs_per_req: float | None = None
+    output_bytes: int | None = None
+    tracer_pids: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- tracers ---------------------------------------------------------------------------
+
+
+def _wait_for_line(proc: subprocess.Popen[Any], log: Path, needle: str, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if needle in text:
+            return
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited {proc.returncode} before starting:\n{text}")
+        time.sleep(0.05)
+    raise BenchError(f"{what} did not start in {START_TIMEOUT}s:\n{log.read_text()}")
+
+
+def _stop(proc: subprocess.Popen[Any], what: str) -> None:
+    """SIGINT the process we started (by pid), then SIGKILL its group if it hangs."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise BenchError(f"{what} did not stop in {STOP_TIMEOUT}s after SIGINT") from None
+
+
+class Tracer:
+    name = ""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def sample(self) -> TreeSample:
+        return sample_tree(self.pid)
+
+    def kernel(self, result: RunResult) -> None:
+        """Fill in-kernel statistics, read while the tracer still runs."""
+
+    def stop(self, result: RunResult) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class ClovisorTracer(Tracer):
+    name = "clovisor"
+
+    def __init__(self, env: Env, extra: tuple[str, ...] = ()) -> None:
+        super().__init__(env)
+        self.err = env.tmp / "clovisor.stderr"
+        self.out = env.tmp / "spans.jsonl"
+        for p in (self.err, self.out):
+            p.unlink(missing_ok=True)
+        argv = [
+            sys.executable, "-m", "clovisor", "trace",
+            "--iface", env.server.host_ifname, "--port", str(nginx.PORT),
+            "--output", f"otlp-json:{self.out}", *extra,
+        ]
+        # ip netns exec execs the command: the Popen pid is the tracer itself.
+        self.proc = env.topo.spawn(env.topo.node_ns, argv, stdout=subprocess.DEVNULL,
+                                   stderr=self.err.open("wb"))
+        _wait_for_line(self.proc, self.err, "tracing", "clovisor trace")
+
+    def kernel(self, result: RunResult) -> None:
+        stats = prog_stats(self.pid)
+        runs = sum(s.run_cnt for s in stats)
+        if runs:
+            result.kernel_runs = runs
+            result.kernel_ns_per_run = sum(s.run_time_ns for s in stats) / runs
+            if result.server_requests:
+                result.kernel_runs_per_req = runs / result.server_requests
+
+    def stop(self, result: RunResult) -> None:
+        assert self.proc is not None
+        _stop(self.proc, "clovisor trace")
+        err = self.err.read_text(errors="replace")
+        m = TOTALS_RE.search(err)
+        if m is None:
+            raise BenchError(f"clovisor trace exited {self.proc.returncode} "
+                             f"without a totals line:\n{err[-3000:]}")
+        totals = {k: int(v) for k, v in m.groupdict().items()}
+        result.traced = totals["sessions"]
+        result.events_lost = totals["events_lost"]
+        result.parse_errors = totals["parse_errors"]
+        result.segments = totals["segments"]
+        if self.out.exists():
+            result.output_bytes = self.out.stat().st_size
+            self.out.unlink()
+
+
+class TsharkTracer(Tracer):
+    name = "tshark"
+
+    def __init__(self, env: Env) -> None:
+        super().__init__(env)
+        self.err = env.tmp / "tshark.stderr"
+        self.out = env.tmp / "tshark.out"
+        argv = [
+            "tshark", "-n", "-i", env.server.host_ifname, "-f", f"tcp port {nginx.PORT}",
+            "-Y", "http.response", "-T", "fields", "-e", "http.response.code",
+        ]
+        self.proc = env.topo.spawn(env.topo.node_ns, argv, stdout=self.out.open("wb"),
+                                   stderr=self.err.open("wb"))
+        _wait_for_line(self.proc, self.err, "Capturing on", "tshark")
+
+    def stop(self, result: RunResult) -> None:
+        assert self.proc is not None
+        _stop(self.proc, "tshark")
+        decoded = 0
+        with self.out.open("rb") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    decoded += line.count(b",") + 1
+        result.traced = decoded
+        err = self.err.read_text(errors="replace")
+        dropped = re.findall(r"(\d+) packets? dropped", err)
+        result.events_lost = sum(int(d) for d in dropped)
+        result.output_bytes = self.out.stat().st_size
+        self.out.unlink()
+
+
+def _settle(sample: Callable[[], float], quiet_cpu_s: float = 0.02,
+            window_s: float = 0.5) -> float:
+    """Wait until the tracer spends <= ``quiet_cpu_s`` per ``window_s``; return the wait."""
+    t0 = time.monotonic()
+    time.sleep(window_s)
+    prev = sample()
+    while time.monotonic() - t0 < SETTLE_CAP:
+        time.sleep(window_s)
+        cur = sample()
+        if cur - prev <= quiet_cpu_s:
+            break
+        prev = cur
+    return time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def _maybe_bpf_stats(on: bool) -> Iterator[None]:
+    if on:
+        with bpf_stats_enabled():
+            yield
+    else:
+        yield
+
+
+# --- one run ---------------------------------------------------------------------------
+
+
+def run_client(env: Env, workload: Workload) -> tuple[ClientResult, float]:
+    argv = workload.argv(env.url, env.duration)
+    t0 = time.monotonic()
+    proc = env.topo.run(env.client.netns, argv, check=False, timeout=env.duration + 120)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return parse(workload.tool, proc.stdout), wall
+
+
+def run_one(env: Env, workload: Workload, scenario: str) -> RunResult:
+    """Run ``workload`` once under ``scenario``; every process started here is stopped."""
+    if scenario not in SCENARIOS:
+        raise ValueError(scenario)
+    with _maybe_bpf_stats(scenario == "clovisor"):
+        tracer: Tracer | None = None
+        try:
+            if scenario == "clovisor":
+                tracer = ClovisorTracer(env)
+            elif scenario == "tshark":
+                tracer = TsharkTracer(env)
+            before_cpu = tracer.sample().cpu_s if tracer else 0.0
+            before_req = env.server_requests()
+            client, wall = run_client(env, workload)
+            settle, after = 0.0, None
+            if tracer is not None:
+                settle = _settle(lambda: tracer.sample().cpu_s)
+                after = tracer.sample()
+            after_req = env.server_requests()
+            result = RunResult(
+                workload=workload.name, label=workload.label, scenario=scenario,
+                offered_rps=workload.rate, keepalive=workload.keepalive, tool=workload.tool,
+                duration_s=env.duration, requests=client.requests,
+                client_errors=client.errors, non_2xx=client.non_2xx,
+                achieved_rps=client.rps, p50_ms=client.p50_ms, p99_ms=client.p99_ms,
+                latency_resolution_ms=client.latency_resolution_ms,
+                # stub_status counts its own request in each answer
+                server_requests=after_req - before_req - 1,
+            )
+            if tracer is not None and after is not None:
+                tracer.kernel(result)
+                tracer.stop(result)
+                cpu = after.cpu_s - before_cpu
+                result.cpu_s = cpu
+                result.settle_s = settle
+                result.tracer_pids = after.pids
+                result.peak_rss_mib = after.hwm_kib / 1024
+                if client.requests:
+                    result.cpu_s_per_1k_req = cpu / client.requests * 1e3
+                    result.cpu_us_per_req = cpu / client.requests * 1e6
+                result.cpu_core_pct = 100 * cpu / wall if wall > 0 else None
+                if result.traced is not None:
+                    if client.requests:
+                        result.completeness = result.traced / client.requests
+                    if result.server_requests > 0:
+                        result.completeness_server = result.traced / result.server_requests
+            return result
+        finally:
+            if tracer is not None:
+                tracer.close()

@@ -1,0 +1,94 @@
+"""The benchmark's smoke run: a couple of seconds of real traffic, untraced and traced.
+
+It checks that ``python -m bench.run --smoke`` produces a well-formed result
+(the machine, the workloads, one run per scenario with the completeness and
+cost fields, the targets) and that the tracer saw the traffic.  The numbers
+themselves are the full benchmark's business (``make bench``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clovisor.topology import NETNS_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.kernel
+
+RUN_FIELDS = {
+    "workload", "label", "scenario", "offered_rps", "keepalive", "requests", "server_requests",
+    "achieved_rps", "p50_ms", "p99_ms", "traced", "completeness", "completeness_server",
+    "events_lost", "parse_errors", "cpu_s", "cpu_s_per_1k_req", "cpu_us_per_req",
+    "cpu_core_pct", "peak_rss_mib", "kernel_ns_per_run", "kernel_runs",
+}
+
+
+def _our_namespaces() -> set[str]:
+    try:
+        return {p.name for p in NETNS_DIR.iterdir() if p.name.startswith("clvb-")}
+    except FileNotFoundError:
+        return set()
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    for tool in ("nginx", "hey", "wrk", "bpftool"):
+        if subprocess.run(["sh", "-c", f"command -v {tool} || test -x /usr/sbin/{tool}"],
+                          capture_output=True, check=False).returncode != 0:
+            pytest.skip(f"{tool} is not installed (run `make setup`)")
+    before_ns = _our_namespaces()
+    stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert elapsed < 30, f"the smoke run took {elapsed:.1f}s"
+
+    results = list(tmp_path.glob("*-smoke.json"))
+    assert len(results) == 1, results
+    result = json.loads(results[0].read_text())
+    assert result["smoke"] is True
+    assert {"nproc", "kernel", "cpu_model"} <= result["machine"].keys()
+    assert result["machine"]["nproc"] >= 1
+    assert len(result["workloads"]) == 1
+
+    runs = {r["scenario"]: r for r in result["runs"]}
+    assert set(runs) == {"untraced", "clovisor"}
+    for r in runs.values():
+        assert r.keys() >= RUN_FIELDS, RUN_FIELDS - r.keys()
+        assert r["requests"] > 0
+        assert r["server_requests"] >= r["requests"]
+        assert r["p99_ms"] is not None and r["p99_ms"] >= r["p50_ms"] > 0
+
+    traced = runs["clovisor"]
+    assert traced["traced"] > 0, traced
+    assert traced["events_lost"] == 0
+    assert traced["parse_errors"] == 0
+    assert 0 < traced["completeness"] <= 1.01
+    assert 0 < traced["completeness_server"] <= 1.0
+    assert traced["completeness_server"] > 0.9, traced
+    assert traced["cpu_s"] is not None and traced["cpu_s"] >= 0
+    assert traced["cpu_us_per_req"] is not None
+    assert traced["peak_rss_mib"] > 0
+    assert traced["kernel_runs"] > 0 and traced["kernel_ns_per_run"] > 0
+
+    names = {t["name"]: t for t in result["targets"]}
+    assert names["completeness"]["met"] in (True, False)
+    assert "tracer peak RSS" in names
+    for t in result["targets"]:
+        assert {"name", "goal", "measured", "met"} <= t.keys()
+
+    assert "targets" in proc.stdout and "clovisor" in proc.stdout
+    assert list(tmp_path.glob("*-smoke.png")), "no plot written"
+    # Nothing left behind: namespaces, the bpf_stats sysctl.
+    assert _our_namespaces() <= before_ns
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == stats_before

@@ -1,0 +1,360 @@
+"""Prometheus metrics: RED histograms per route, session outcomes, agent health.
+
+Exposed names (all in one :class:`Metrics` object's own registry; nothing is
+registered in prometheus_client's global registry):
+
+RED, one observation per HTTP session, **sampled or not** (sampling thins
+traces, never metrics, so rates and percentiles stay exact):
+
+- ``http_server_request_duration_seconds`` (histogram): SERVER sessions;
+- ``http_client_request_duration_seconds`` (histogram): CLIENT sessions.
+
+  Labels, exactly: ``service_name``, ``http_request_method`` (the semconv
+  method, ``_OTHER`` for anything else), ``http_response_status_code`` (empty
+  when no response was seen: reset, closed or timed out before the status
+  line, the way an absent OTel attribute reads in Prometheus) and
+  ``http_route`` (see :mod:`clovisor.routes`). Buckets are the OTel semconv
+  ones, 5 ms to 10 s. The duration runs from the first request byte to the
+  last response byte (or to the moment the outcome was decided, for a reset
+  or a timeout). Sessions cut short by the tracer's own shutdown are not
+  observed: their duration says nothing about the workload.
+
+- ``clovisor_sessions_total{service_name, outcome}`` (counter): every
+  session, HTTP and TCP, by outcome (``complete``, ``reset``, ``closed``,
+  ``timeout``, ``shutdown``). Failures that a status-code label cannot show
+  are counted here.
+
+Agent health, read from the runtime at scrape time (see
+:meth:`Metrics.register_health`), named in :data:`HEALTH_METRICS`:
+``clovisor_segments_total``, ``clovisor_events_lost_total``,
+``clovisor_parse_errors_total``, ``clovisor_malformed_records_total``,
+``clovisor_sessions_emitted_total``, ``clovisor_connections_evicted_total``,
+``clovisor_spans_exported_total``, ``clovisor_spans_failed_total``,
+``clovisor_spans_dropped_total``, ``clovisor_spans_sampled_out_total``,
+``clovisor_export_queue_size``, ``clovisor_tracked_connections``,
+``clovisor_buffered_bytes``; plus ``clovisor_build_info{version}``.
+
+Label values never carry a query string or a header value: the route is
+folded from the path alone, the method is one of a fixed set, the status is
+a number.
+
+Why a hand-written collector rather than prometheus_client's ``Histogram``:
+``observe`` runs for every session on the agent's hot path, and the library's
+child lookup plus per-bucket locked counters cost several µs per call. Here a
+batch takes one lock, and a session costs a dict lookup, a bisect and two
+list updates. The exposition is the library's, from the same families.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Final
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .core.events import Outcome, Role, Session
+from .export.spans import KNOWN_METHODS
+from .routes import RouteFolder
+from .specs import SpecError, parse_port_number
+
+__all__ = [
+    "BUCKETS",
+    "HEALTH_METRICS",
+    "LABELS",
+    "OVERFLOW_ROUTE",
+    "Metrics",
+    "parse_listen_address",
+]
+
+log = logging.getLogger(__name__)
+
+# OTel semantic conventions, http.server.request.duration advice.
+BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+LABELS: Final = ("service_name", "http_request_method", "http_response_status_code", "http_route")
+DEFAULT_MAX_SERIES: Final = 10_000
+# Where label sets beyond max_series go, like the OTel SDK's overflow series.
+OVERFLOW_ROUTE: Final = "/{overflow}"
+
+# repr of these bounds is what prometheus_client writes for "le" ("1.0", "0.005").
+_LE: Final = (*(repr(b) for b in BUCKETS), "+Inf")
+_SERVER_NAME: Final = "http_server_request_duration_seconds"
+_CLIENT_NAME: Final = "http_client_request_duration_seconds"
+_SERVER_HELP: Final = "Duration of HTTP server requests seen on the wire."
+_CLIENT_HELP: Final = "Duration of HTTP client requests seen on the wire."
+_SESSIONS_HELP: Final = "Sessions (request/response exchanges or TCP connections) by outcome."
+
+# health key -> (metric name without _total, type, help)
+HEALTH_METRICS: Final[Mapping[str, tuple[str, str, str]]] = {
+    "segments": ("clovisor_segments", "counter", "TCP segments received from the kernel."),
+    "events_lost": (
+        "clovisor_events_lost",
+        "counter",
+        "Kernel records dropped because the ring buffer was full.",
+    ),
+    "parse_errors": (
+        "clovisor_parse_errors",
+        "counter",
+        "Messages the HTTP/1.x parser rejected (TLS, HTTP/2 or garbage on a traced port).",
+    ),
+    "malformed_records": (
+        "clovisor_malformed_records",
+        "counter",
+        "Ring-buffer records that did not decode.",
+    ),
+    "sessions": ("clovisor_sessions_emitted", "counter", "Sessions the tracker emitted."),
+    "connections_evicted": (
+        "clovisor_connections_evicted",
+        "counter",
+        "Tracked connections evicted because the connection table was full.",
+    ),
+    "spans_exported": ("clovisor_spans_exported", "counter", "Spans the exporters accepted."),
+    "spans_failed": ("clovisor_spans_failed", "counter", "Spans an exporter failed to deliver."),
+    "spans_dropped": (
+        "clovisor_spans_dropped",
+        "counter",
+        "Spans dropped before export because the export queue was full.",
+    ),
+    "spans_sampled_out": (
+        "clovisor_spans_sampled_out",
+        "counter",
+        "Spans the sampler decided not to export (metrics still count them).",
+    ),
+    "export_queue_size": (
+        "clovisor_export_queue_size",
+        "gauge",
+        "Span batches waiting for the exporters.",
+    ),
+    "tracked_connections": (
+        "clovisor_tracked_connections",
+        "gauge",
+        "Connections the tracker currently follows.",
+    ),
+    "buffered_bytes": (
+        "clovisor_buffered_bytes",
+        "gauge",
+        "Payload bytes held across segments (partial headers, out-of-order data).",
+    ),
+}
+_HEALTH_KEY_RE: Final = re.compile(r"[a-z][a-z0-9_]*")
+
+# Series key: (role, service, method, status, route); value: [sum, bucket counts...].
+_Key = tuple[Role, str, str, str, str]
+
+
+class _Red(Collector):
+    """RED histograms and the outcome counter, fed in batches."""
+
+    def __init__(self, routes: RouteFolder, max_series: int) -> None:
+        self.routes = routes
+        self.max_series = max_series
+        self.lock = threading.Lock()
+        self.series: dict[_Key, list[float]] = {}
+        self.outcomes: dict[tuple[str, Outcome], int] = {}
+        # Status codes are three digits off the wire; str() per session
+        # would cost more than this lookup.
+        self.status_labels = {code: str(code) for code in range(1000)}
+
+    def observe(
+        self, sessions: Iterable[Session], service_name_of: Callable[[Session], str]
+    ) -> None:
+        fold = self.routes.fold_target
+        series = self.series
+        outcomes = self.outcomes
+        status_labels = self.status_labels
+        methods = KNOWN_METHODS
+        shutdown = Outcome.SHUTDOWN
+        bounds = BUCKETS
+        with self.lock:
+            for s in sessions:
+                service = service_name_of(s)
+                outcome = s.outcome
+                okey = (service, outcome)
+                outcomes[okey] = outcomes.get(okey, 0) + 1
+                req = s.request
+                if req is None or outcome is shutdown:
+                    continue
+                resp = s.response
+                status = "" if resp is None else status_labels.get(resp.status_code, "_OTHER")
+                method = req.method
+                key = (
+                    s.role,
+                    service,
+                    method if method in methods else "_OTHER",
+                    status,
+                    fold(req.target),
+                )
+                entry = series.get(key)
+                if entry is None:
+                    entry = self._new_series(key)
+                seconds = (s.end_ns - s.start_ns) / 1e9
+                if seconds < 0.0:
+                    seconds = 0.0
+                entry[0] += seconds
+                # bisect_left: the first bound >= seconds, i.e. the "le" bucket.
+                entry[1 + bisect_left(bounds, seconds)] += 1
+
+    def _new_series(self, key: _Key) -> list[float]:
+        if len(self.series) >= self.max_series:
+            # Route folding bounds routes, but method x status x route x
+            # service can still multiply; past the limit, new label sets
+            # share one overflow series per service and kind.
+            key = (key[0], key[1], "_OTHER", "_OTHER", OVERFLOW_ROUTE)
+            overflow = self.series.get(key)
+            if overflow is not None:
+                return overflow
+        # The sum is a float, the bucket counts ints (so they print as "3").
+        entry: list[float] = [0.0, *([0] * (1 + len(BUCKETS)))]
+        self.series[key] = entry
+        return entry
+
+    def describe(self) -> Iterable[Metric]:
+        return [
+            HistogramMetricFamily(_SERVER_NAME, _SERVER_HELP, labels=LABELS),
+            HistogramMetricFamily(_CLIENT_NAME, _CLIENT_HELP, labels=LABELS),
+            CounterMetricFamily(
+                "clovisor_sessions", _SESSIONS_HELP, labels=("service_name", "outcome")
+            ),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        with self.lock:
+            series = [(k, list(v)) for k, v in self.series.items()]
+            outcomes = list(self.outcomes.items())
+        server = HistogramMetricFamily(_SERVER_NAME, _SERVER_HELP, labels=LABELS)
+        client = HistogramMetricFamily(_CLIENT_NAME, _CLIENT_HELP, labels=LABELS)
+        for (role, service, method, status, route), entry in series:
+            cumulative: float = 0
+            buckets: list[tuple[str, float]] = []
+            for le, n in zip(_LE, entry[1:], strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            family = server if role is Role.SERVER else client
+            family.add_metric([service, method, status, route], buckets, entry[0])
+        sessions = CounterMetricFamily(
+            "clovisor_sessions", _SESSIONS_HELP, labels=("service_name", "outcome")
+        )
+        for (service, outcome), n in outcomes:
+            sessions.add_metric([service, outcome.value], n)
+        return [server, client, sessions]
+
+
+class _Health(Collector):
+    """Reads the runtime's live counters when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], Mapping[str, int]]] = []
+
+    def describe(self) -> Iterable[Metric]:
+        # Names depend on what the sources report; reading them at
+        # registration time would call into a runtime that may not run yet.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[str, int] = {}
+        for source in list(self.sources):
+            try:
+                values = source()
+            except Exception:
+                # A broken source must not take /metrics down with it.
+                log.exception("health source %r failed", source)
+                continue
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0) + value
+        info = GaugeMetricFamily(
+            "clovisor_build_info", "Clovisor build; the value is always 1.", labels=["version"]
+        )
+        info.add_metric([__version__], 1)
+        yield info
+        for key, value in totals.items():
+            known = HEALTH_METRICS.get(key)
+            if known is not None:
+                name, kind, doc = known
+            elif _HEALTH_KEY_RE.fullmatch(key):
+                name, kind, doc = f"clovisor_{key}", "gauge", f"Agent value {key!r}."
+            else:
+                continue
+            if kind == "counter":
+                yield CounterMetricFamily(name, doc, value=value)
+            else:
+                yield GaugeMetricFamily(name, doc, value=value)
+
+
+class Metrics:
+    """The agent's metrics and their registry.
+
+    ``routes`` folds paths into ``http_route`` values (default: the
+    heuristic alone, no patterns). ``max_series`` bounds the label sets per
+    histogram; beyond it new label sets go to one overflow series per
+    service (method and status ``_OTHER``, route ``/{overflow}``).
+    """
+
+    def __init__(
+        self, routes: RouteFolder | None = None, *, max_series: int = DEFAULT_MAX_SERIES
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._red = _Red(routes if routes is not None else RouteFolder(), max_series)
+        self._health = _Health()
+        self.registry.register(self._red)
+        self.registry.register(self._health)
+
+    def observe_sessions(
+        self, sessions: Iterable[Session], service_name_of: Callable[[Session], str]
+    ) -> None:
+        """Count a batch of sessions (all of them: call before sampling).
+
+        ``service_name_of`` gives the ``service_name`` label of a session,
+        typically from its ifindex. Thread-safe; one lock per batch.
+        """
+        self._red.observe(sessions, service_name_of)
+
+    def register_health(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Read ``source()`` at every scrape: a mapping of health key -> value.
+
+        Known keys (:data:`HEALTH_METRICS`) get the documented names and
+        types; any other lower-case key ``k`` is exported as a gauge
+        ``clovisor_k``. Values from several sources are summed per key.
+        ``source`` runs on the HTTP server's thread, so it should only read
+        counters, never block.
+        """
+        self._health.sources.append(source)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, content type) of the exposition; OpenMetrics if ``accept`` asks."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def parse_listen_address(text: str, what: str = "metrics") -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all IPv4 interfaces)."""
+    rest = text.strip()
+    if rest.startswith("["):
+        host, bracket, rest = rest[1:].partition("]")
+        if not bracket or not rest.startswith(":") or not host:
+            raise SpecError(f"{what} {text!r}: expected HOST:PORT or [IPv6]:PORT")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = rest.rpartition(":")
+        if not sep:
+            raise SpecError(f"{what} {text!r}: expected HOST:PORT")
+        if ":" in host:
+            raise SpecError(f"{what} {text!r}: write IPv6 addresses as [ADDR]:PORT")
+        if host and not re.fullmatch(r"[A-Za-z0-9.\-]+", host):
+            raise SpecError(f"{what} {text!r}: bad host {host!r}")
+    try:
+        port = parse_port_number(port_s, "port")
+    except SpecError as exc:
+        raise SpecError(f"{what} {text!r}: {exc}") from None
+    return (host or "0.0.0.0"), port

@@ -1,0 +1,293 @@
+"""Metrics: RED histograms and outcome counts match the sessions fed; health is live."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import REGISTRY
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from clovisor.core.events import Outcome, Protocol, Role, Session
+from clovisor.metrics import BUCKETS, LABELS, OVERFLOW_ROUTE, Metrics, parse_listen_address
+from clovisor.routes import RouteFolder
+from clovisor.specs import SpecError
+from tests.export.sessions import request, response, session
+
+SERVER = "http_server_request_duration_seconds"
+CLIENT = "http_client_request_duration_seconds"
+
+
+def families(m: Metrics) -> dict[str, Metric]:
+    body, content_type = m.render()
+    assert content_type.startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+
+def counts(m: Metrics, name: str) -> dict[tuple[str, ...], float]:
+    """label values (in LABELS order) -> _count of one histogram."""
+    fam = families(m).get(name)
+    if fam is None:
+        return {}
+    return {
+        tuple(s.labels[k] for k in LABELS): s.value
+        for s in fam.samples
+        if s.name == name + "_count"
+    }
+
+
+def service(s: Session) -> str:
+    return "web" if s.ifindex == 7 else "other"
+
+
+def timed(ms: float, **kw: object) -> Session:
+    return session(start_ns=1_000_000_000, end_ns=1_000_000_000 + int(ms * 1e6), **kw)
+
+
+def test_histograms_count_and_buckets() -> None:
+    m = Metrics(RouteFolder(["/users/{id}"]))
+    batch = [
+        timed(3, request=request(target="/users/1?token=abc")),
+        timed(30, request=request(target="/users/2")),
+        timed(30, request=request(target="/users/2"), response=response(503)),
+        timed(20_000, request=request("POST", "/orders/77")),
+        timed(1, role=Role.CLIENT, request=request(target="/v1/x")),
+    ]
+    m.observe_sessions(batch[:2], service)
+    m.observe_sessions(batch[2:], service)
+    assert counts(m, SERVER) == {
+        ("web", "GET", "200", "/users/{id}"): 2,
+        ("web", "GET", "503", "/users/{id}"): 1,
+        ("web", "POST", "200", "/orders/{id}"): 1,
+    }
+    assert counts(m, CLIENT) == {("web", "GET", "200", "/v1/x"): 1}
+
+    fam = families(m)[SERVER]
+    buckets = {
+        s.labels["le"]: s.value
+        for s in fam.samples
+        if s.name == SERVER + "_bucket"
+        and s.labels["http_response_status_code"] == "200"
+        and s.labels["http_route"] == "/users/{id}"
+    }
+    assert list(buckets) == [*(repr(b) for b in BUCKETS), "+Inf"]
+    assert buckets["0.005"] == 1  # 3 ms
+    assert buckets["0.025"] == 1 and buckets["0.05"] == 2  # 30 ms
+    assert buckets["+Inf"] == 2
+    total = next(
+        s.value
+        for s in fam.samples
+        if s.name == SERVER + "_sum"
+        and s.labels["http_route"] == "/users/{id}"
+        and s.labels["http_response_status_code"] == "200"
+    )
+    assert total == pytest.approx(0.033)
+    slow = {
+        s.labels["le"]: s.value
+        for s in fam.samples
+        if s.name == SERVER + "_bucket" and s.labels["http_request_method"] == "POST"
+    }
+    assert slow["10.0"] == 0 and slow["+Inf"] == 1  # beyond the last bound
+
+
+def test_label_set_is_exact() -> None:
+    m = Metrics()
+    m.observe_sessions([session()], service)
+    fam = families(m)[SERVER]
+    for s in fam.samples:
+        assert set(s.labels) - {"le"} == set(LABELS)
+
+
+def test_failures_and_outcomes() -> None:
+    m = Metrics()
+    batch = [
+        session(),
+        session(outcome=Outcome.RESET, response=None),
+        session(outcome=Outcome.TIMEOUT, response=None, ifindex=8),
+        session(outcome=Outcome.CLOSED),  # partial response: its status is known
+        session(outcome=Outcome.SHUTDOWN, response=None),
+        session(protocol=Protocol.TCP, request=None, response=None, outcome=Outcome.CLOSED),
+        session(request=request("BREW", "/pot")),
+    ]
+    m.observe_sessions(batch, service)
+    assert counts(m, SERVER) == {
+        ("web", "GET", "200", "/index.html"): 2,  # complete + closed mid-body
+        ("web", "GET", "", "/index.html"): 1,  # reset before the status line
+        ("other", "GET", "", "/index.html"): 1,  # timeout
+        ("web", "_OTHER", "200", "/pot"): 1,  # unknown methods never become labels
+    }  # the shutdown and the TCP session are not latency observations
+    fam = families(m)["clovisor_sessions"]
+    got = {
+        (s.labels["service_name"], s.labels["outcome"]): s.value
+        for s in fam.samples
+        if s.name == "clovisor_sessions_total"
+    }
+    assert got == {
+        ("web", "complete"): 2,
+        ("web", "reset"): 1,
+        ("other", "timeout"): 1,
+        ("web", "closed"): 2,
+        ("web", "shutdown"): 1,
+    }
+
+
+targets = st.tuples(
+    st.lists(
+        st.one_of(st.integers(0, 10**9).map(str), st.sampled_from(["a", "users", "v1"])),
+        max_size=4,
+    ),
+    st.text(min_size=1, max_size=30),
+).map(lambda t: "/" + "/".join(t[0]) + "?secret=" + t[1])
+header_values = st.text(min_size=8, max_size=30).map(lambda v: "HV" + v)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            targets,
+            header_values,
+            st.sampled_from(["GET", "POST", "PURGE", "get"]),
+            st.one_of(st.none(), st.integers(100, 999)),
+            st.sampled_from(list(Outcome)),
+            st.sampled_from(list(Role)),
+            st.integers(0, 20_000_000_000),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_counts_match_and_labels_stay_clean(
+    specs: list[tuple[str, str, str, int | None, Outcome, Role, int]],
+) -> None:
+    m = Metrics()
+    batch: list[Session] = []
+    for target, hv, method, status, outcome, role, dur in specs:
+        req = request(
+            method,
+            target,
+            headers=(("host", hv), ("user-agent", hv), ("authorization", hv), ("x-request-id", hv)),
+        )
+        resp = (
+            response(status, headers=(("set-cookie", hv), ("content-type", hv))) if status else None
+        )
+        batch.append(
+            session(
+                request=req, response=resp, outcome=outcome, role=role, end_ns=1_000_000_000 + dur
+            )
+        )
+    m.observe_sessions(batch, service)
+
+    expected: Counter[Role] = Counter(s.role for s in batch if s.outcome is not Outcome.SHUTDOWN)
+    assert sum(counts(m, SERVER).values()) == expected[Role.SERVER]
+    assert sum(counts(m, CLIENT).values()) == expected[Role.CLIENT]
+    outcome_total = sum(
+        s.value
+        for s in families(m)["clovisor_sessions"].samples
+        if s.name == "clovisor_sessions_total"
+    )
+    assert outcome_total == len(batch)
+
+    secrets = {hv for _, hv, *_ in specs} | {t.partition("?")[2] for t, *_ in specs}
+    for fam in families(m).values():
+        for sample in fam.samples:
+            for value in sample.labels.values():
+                assert "?" not in value and "HV" not in value
+                assert not any(secret in value for secret in secrets if len(secret) > 8)
+
+
+def test_overflow_series() -> None:
+    m = Metrics(max_series=3)
+    m.observe_sessions([session(request=request(target=f"/p{i}")) for i in range(10)], service)
+    got = counts(m, SERVER)
+    assert len(got) == 4
+    assert got[("web", "_OTHER", "_OTHER", OVERFLOW_ROUTE)] == 7
+
+
+def test_health_sources_read_at_scrape() -> None:
+    m = Metrics()
+    live = {"segments": 1, "events_lost": 0, "export_queue_size": 3, "custom_thing": 5}
+    m.register_health(lambda: dict(live))
+    m.register_health(lambda: {"segments": 10, "spans_exported": 4, "Bad-Key": 1})
+
+    def broken() -> dict[str, int]:
+        raise RuntimeError("boom")
+
+    m.register_health(broken)
+    fam = families(m)
+    assert fam["clovisor_segments"].type == "counter"
+    assert fam["clovisor_segments"].samples[0].value == 11
+    assert fam["clovisor_segments"].samples[0].name == "clovisor_segments_total"
+    assert fam["clovisor_export_queue_size"].type == "gauge"
+    assert fam["clovisor_export_queue_size"].samples[0].value == 3
+    assert fam["clovisor_spans_exported"].samples[0].value == 4
+    assert fam["clovisor_custom_thing"].type == "gauge"
+    assert fam["clovisor_build_info"].samples[0].labels["version"]
+    assert not any("bad" in name.lower() for name in fam)
+    live["segments"] = 100  # live values, not a snapshot taken at registration
+    assert families(m)["clovisor_segments"].samples[0].value == 110
+
+
+def test_registries_are_private() -> None:
+    before = {f.name for f in REGISTRY.collect()}
+    a, b = Metrics(), Metrics()
+    a.observe_sessions([session()], service)
+    assert counts(a, SERVER) and not counts(b, SERVER)
+    assert {f.name for f in REGISTRY.collect()} == before
+
+
+def test_openmetrics_on_request() -> None:
+    m = Metrics()
+    m.observe_sessions([session()], service)
+    body, content_type = m.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+
+
+def test_concurrent_scrapes_see_consistent_histograms() -> None:
+    m = Metrics()
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            m.observe_sessions([timed(i % 50) for i in range(100)], service)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        for _ in range(30):
+            fam = families(m).get(SERVER)
+            if fam is None:
+                continue
+            inf = [s.value for s in fam.samples if s.labels.get("le") == "+Inf"]
+            cnt = [s.value for s in fam.samples if s.name.endswith("_count")]
+            assert inf == cnt
+    finally:
+        stop.set()
+        t.join()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        (":9464", ("0.0.0.0", 9464)),
+        ("localhost:80", ("localhost", 80)),
+        ("[::1]:9464", ("::1", 9464)),
+    ],
+)
+def test_parse_listen_address(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    "bad", ["9464", "127.0.0.1:", "127.0.0.1:x", "127.0.0.1:70000", "::1:9464", "[::1]", "a b:1"]
+)
+def test_parse_listen_address_errors(bad: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_listen_address(bad)
+    assert "\n" not in str(exc.value) and repr(bad) in str(exc.value)

@@ -8,6 +8,7 @@ CLI: exit code 2) or skips the entry (the agent: logged, the rest applies).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from .core.events import Protocol
@@ -37,8 +38,19 @@ class EgressSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutputSpec:
-    kind: str  # "console" or "otlp-json"
-    target: str = ""  # file path or "-" for otlp-json
+    """Where spans go. ``kind`` and what ``target`` holds for it:
+
+    - ``console``: nothing;
+    - ``otlp-json``: a file path, or ``-`` for stdout;
+    - ``otlp-grpc``: ``http://HOST:PORT`` (plaintext) or ``https://HOST:PORT``
+      (TLS), the form ``OTEL_EXPORTER_OTLP_ENDPOINT`` takes for gRPC;
+    - ``otlp-http``: the full URL POSTed to, e.g. ``http://HOST:4318/v1/traces``;
+    - ``otlp``: nothing; endpoint and protocol come from the standard
+      ``OTEL_EXPORTER_OTLP_*`` environment variables.
+    """
+
+    kind: str
+    target: str = ""
 
 
 def parse_port_number(text: str, what: str = "port") -> int:
@@ -108,8 +120,87 @@ def parse_egress(text: str, *, allow_prefix: bool = False) -> EgressSpec:
     return EgressSpec(addr=addr, port=port, pod_prefix=prefix)
 
 
+# Scheme of an ``otlp:`` output -> (kind, scheme of the target URL, default port).
+_OTLP_SCHEMES = {
+    "grpc": ("otlp-grpc", "http", 4317),
+    "grpcs": ("otlp-grpc", "https", 4317),
+    "http": ("otlp-http", "http", 4318),
+    "https": ("otlp-http", "https", 4318),
+}
+OTLP_HTTP_PATH = "/v1/traces"
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+_OUTPUT_FORMS = (
+    "console, otlp-json:PATH, otlp:grpc://HOST:PORT, otlp:http://HOST:PORT[/PATH], "
+    "otlp:grpcs://... or otlp:https://... for TLS, or otlp (endpoint from OTEL_EXPORTER_OTLP_*)"
+)
+
+
+def _parse_otlp_target(text: str, url: str) -> OutputSpec:
+    scheme, sep, rest = url.partition("://")
+    known = _OTLP_SCHEMES.get(scheme.lower()) if sep else None
+    if known is None:
+        raise SpecError(
+            f"output {text!r}: expected otlp:grpc://HOST:PORT or otlp:http://HOST:PORT "
+            f"(grpcs/https for TLS)"
+        )
+    kind, target_scheme, default_port = known
+    if not rest:
+        raise SpecError(f"output {text!r}: missing host")
+    if any(c.isspace() for c in rest):
+        raise SpecError(f"output {text!r}: blank space in the endpoint")
+    if any(c in rest for c in "?#"):
+        raise SpecError(f"output {text!r}: no query or fragment allowed in an OTLP endpoint")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        # A password in a flag ends up in ps output and logs: headers are the
+        # place for credentials.
+        raise SpecError(
+            f"output {text!r}: no user info in the URL; "
+            f"put credentials in OTEL_EXPORTER_OTLP_HEADERS"
+        )
+    if authority.startswith("["):
+        host, bracket, port_part = authority[1:].partition("]")
+        if not bracket:
+            raise SpecError(f"output {text!r}: unclosed [ in IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise SpecError(f"output {text!r}: {host!r} is not an IPv6 address") from None
+        host = f"[{host}]"
+    else:
+        host, colon, port_part = authority.partition(":")
+        port_part = colon + port_part
+        if not host:
+            raise SpecError(f"output {text!r}: missing host")
+        if not _HOST_RE.fullmatch(host):
+            raise SpecError(f"output {text!r}: {host!r} is not a host name or IPv4 address")
+    if port_part:
+        if not port_part.startswith(":"):
+            raise SpecError(f"output {text!r}: expected :PORT after the host")
+        try:
+            port = parse_port_number(port_part[1:], "port")
+        except SpecError as exc:
+            raise SpecError(f"output {text!r}: {exc}") from None
+    else:
+        port = default_port
+    if kind == "otlp-grpc":
+        if path.strip("/"):
+            raise SpecError(f"output {text!r}: a gRPC endpoint has no path")
+        return OutputSpec(kind=kind, target=f"{target_scheme}://{host}:{port}")
+    # OTLP/HTTP: a bare host gets the standard signal path; any other path is
+    # taken as given (a gateway may route traces elsewhere).
+    full_path = "/" + path if slash and path else OTLP_HTTP_PATH
+    return OutputSpec(kind=kind, target=f"{target_scheme}://{host}:{port}{full_path}")
+
+
 def parse_output(text: str) -> OutputSpec:
-    """``console`` or ``otlp-json:PATH`` (``-`` is stdout)."""
+    """One ``--output`` value.
+
+    ``console``; ``otlp-json:PATH`` (``-`` is stdout); ``otlp:grpc://HOST:PORT``
+    or ``otlp:http://HOST:PORT[/PATH]`` (``grpcs``/``https`` for TLS; the port
+    defaults to 4317/4318, the OTLP/HTTP path to ``/v1/traces``); ``otlp``
+    alone takes endpoint and protocol from ``OTEL_EXPORTER_OTLP_*``.
+    """
     kind, sep, target = text.partition(":")
     if kind == "console" and not sep:
         return OutputSpec(kind="console")
@@ -117,7 +208,11 @@ def parse_output(text: str) -> OutputSpec:
         if not target:
             raise SpecError(f"output {text!r}: otlp-json needs a path (or - for stdout)")
         return OutputSpec(kind="otlp-json", target=target)
-    raise SpecError(f"unknown output {text!r} (use console or otlp-json:PATH)")
+    if kind == "otlp":
+        if not sep:
+            return OutputSpec(kind="otlp")
+        return _parse_otlp_target(text, target)
+    raise SpecError(f"unknown output {text!r} (use {_OUTPUT_FORMS})")
 
 
 def parse_resource_attr(text: str) -> tuple[str, str]:

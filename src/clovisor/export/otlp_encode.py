@@ -1,0 +1,378 @@
+"""Spans -> OTLP/protobuf ``ExportTraceServiceRequest``, fast.
+
+The SDK's ``encode_spans`` is the reference: whatever this module returns
+must equal what it returns for the same spans (tests check it on generated
+spans, byte for byte after serialisation). It costs about 80-140 µs per
+Clovisor span here (27 attributes, each one a ``KeyValue`` plus an
+``AnyValue`` built from keyword arguments, then copied into the parent), so
+it caps the exporter at 7-12k spans/s; the issue asks for 20k on one core.
+
+How this encoder is faster, using only the official messages and serialiser:
+
+* Most attribute *pairs* repeat from span to span (``http.request.method=GET``,
+  ``server.port=8080``, ``network.transport=tcp``, the status). Each distinct
+  pair is encoded once, as the serialised bytes of a ``Span`` message that
+  holds just that attribute (``Span(attributes=[kv]).SerializeToString()``).
+* A span is then the concatenation of its pairs' bytes, parsed into the
+  request's span with ``MergeFromString``. Protobuf defines parsing a
+  concatenation as merging the messages (scalars: last wins; repeated fields:
+  appended in order), so the result is the very message ``encode_spans``
+  builds. No byte is written by hand: every fragment comes from protobuf's
+  serialiser, and the parse runs in protobuf's C backend (upb).
+* Pairs whose values do not repeat (client ports, request ids, timestamps)
+  would only churn a cache: a key that shows too many distinct values stops
+  being cached and its attributes are added to the message directly.
+* Resources and scopes are encoded once per distinct object.
+
+Shapes Clovisor never produces (events, links, spans without a context) go
+through ``encode_spans`` itself, so they are exact rather than fast.
+
+An encoder holds caches and is not thread-safe: give each sender thread its
+own. Its memory is bounded by the limits given at construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import (
+    AnyValue,
+    ArrayValue,
+    KeyValue,
+    KeyValueList,
+)
+from opentelemetry.proto.common.v1.common_pb2 import (
+    InstrumentationScope as PbScope,
+)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as PbStatus
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.status import Status
+
+__all__ = ["ProtobufSpanEncoder", "reference_request"]
+
+_logger = logging.getLogger(__name__)
+
+_KIND: Final = {
+    SpanKind.INTERNAL: PbSpan.SPAN_KIND_INTERNAL,
+    SpanKind.SERVER: PbSpan.SPAN_KIND_SERVER,
+    SpanKind.CLIENT: PbSpan.SPAN_KIND_CLIENT,
+    SpanKind.PRODUCER: PbSpan.SPAN_KIND_PRODUCER,
+    SpanKind.CONSUMER: PbSpan.SPAN_KIND_CONSUMER,
+}
+_FLAGS_LOCAL: Final = 0x100  # SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
+_FLAGS_REMOTE: Final = 0x100 | 0x200  # ... | SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
+
+
+def reference_request(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+    """The SDK's own encoding (what its OTLP exporters send): slow, by the book."""
+    return encode_spans(spans)
+
+
+def _any_value(value: object) -> AnyValue:
+    # encode_spans' _encode_value, branch for branch (bool before int, str
+    # before Sequence), so that what it refuses we refuse too.
+    if value is None:
+        return AnyValue()
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, str):
+        return AnyValue(string_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    if isinstance(value, Sequence):
+        return AnyValue(array_value=ArrayValue(values=[_any_value(v) for v in value]))
+    if isinstance(value, Mapping):
+        return AnyValue(
+            kvlist_value=KeyValueList(
+                values=[KeyValue(key=str(k), value=_any_value(v)) for k, v in value.items()]
+            )
+        )
+    raise TypeError(f"invalid attribute type {type(value).__name__}")
+
+
+def _key_values(attributes: Mapping[str, object] | None) -> list[KeyValue]:
+    out: list[KeyValue] = []
+    if attributes:
+        for key, value in attributes.items():
+            try:
+                out.append(KeyValue(key=key, value=_any_value(value)))
+            except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+                # encode_spans' policy: lose the attribute, keep the span.
+                _logger.warning("dropping attribute %r: %s", key, exc)
+    return out
+
+
+def _add_attribute(attributes: Any, key: str, value: object) -> None:
+    """Append ``key=value`` to a repeated KeyValue field, or drop it as encode_spans does."""
+    kv = attributes.add()
+    try:
+        # Filled in place: building a KeyValue and appending it copies it.
+        kv.key = key
+        vtype = type(value)
+        if vtype is str:
+            kv.value.string_value = value
+        elif vtype is int:
+            kv.value.int_value = value
+        elif vtype is list and all(type(v) is str for v in value):  # type: ignore[attr-defined]
+            add = kv.value.array_value.values.add
+            for v in value:  # type: ignore[attr-defined]
+                add().string_value = v
+        else:
+            kv.value.CopyFrom(_any_value(value))
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        # encode_spans' policy: lose the attribute, keep the span.
+        del attributes[-1]
+        _logger.warning("dropping attribute %r: %s", key, exc)
+
+
+# A cached value must be hashable, equal only to values that encode the same,
+# and small: str, int and bool (keyed with their type, since True == 1), and
+# tuples of strings (header values arrive as one-element lists).
+_CACHEABLE_SCALARS: Final = (str, int, bool)
+
+
+class ProtobufSpanEncoder:
+    """Encodes batches of spans to ``ExportTraceServiceRequest`` messages.
+
+    ``max_cached_pairs`` bounds the attribute cache (entries); a key that has
+    shown more than ``max_values_per_key`` distinct values is no longer
+    cached; string values longer than ``max_value_length`` are never cached.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_cached_pairs: int = 16_384,
+        max_values_per_key: int = 512,
+        max_value_length: int = 256,
+        max_cached_objects: int = 1024,
+    ) -> None:
+        self._max_pairs = max_cached_pairs
+        self._max_per_key = max_values_per_key
+        self._max_len = max_value_length
+        self._max_objects = max_cached_objects
+        # (key, type, value) -> bytes of Span(attributes=[that pair]).
+        self._pairs: dict[tuple[str, type, object], bytes] = {}
+        # key -> distinct values cached; keys past the limit are volatile.
+        self._per_key: dict[str, int] = {}
+        self._volatile: set[str] = set()
+        self._statuses: dict[tuple[int, str | None], bytes] = {}
+        # Keyed by identity, holding the object so its id cannot be reused.
+        self._resources: dict[int, tuple[Resource, PbResource]] = {}
+        self._scopes: dict[int, tuple[InstrumentationScope | None, PbScope]] = {}
+
+    def cache_sizes(self) -> dict[str, int]:
+        """Entries held per cache (for tests and debugging)."""
+        return {
+            "pairs": len(self._pairs),
+            "keys": len(self._per_key),
+            "statuses": len(self._statuses),
+            "resources": len(self._resources),
+            "scopes": len(self._scopes),
+        }
+
+    # --- caches -------------------------------------------------------------
+
+    def _miss(self, key: str, vtype: type, value: Any) -> bytes | None:
+        """Cache and return the fragment for a pair not cached yet, if it may be."""
+        if vtype is str:
+            if len(value) > self._max_len:
+                return None
+            hkey: tuple[str, type, object] = (key, vtype, value)
+        elif vtype is int or vtype is bool:
+            hkey = (key, vtype, value)
+        elif vtype is list or vtype is tuple:
+            items = tuple(value)
+            if not all(type(v) is str for v in items) or sum(map(len, items)) > self._max_len:
+                return None
+            hkey = (key, vtype, items)
+        else:
+            # Floats (0.0 == -0.0, NaN != NaN), bytes, mappings: not worth it.
+            return None
+        seen = self._per_key.get(key, 0)
+        if seen >= self._max_per_key:
+            # A high-cardinality key (a port, an id): caching it would only
+            # evict useful pairs. Its cached values stay valid.
+            self._volatile.add(key)
+            return None
+        if len(self._pairs) >= self._max_pairs:
+            # Rare (thousands of distinct cacheable pairs): start over rather
+            # than pay for LRU bookkeeping on every hit.
+            self._pairs.clear()
+            self._per_key.clear()
+            self._volatile.clear()
+            seen = 0
+        # May raise (invalid UTF-8, int64 overflow): the caller drops the pair.
+        pb = PbSpan(attributes=[KeyValue(key=key, value=_any_value(value))])
+        fragment: bytes = pb.SerializeToString()
+        self._pairs[hkey] = fragment
+        self._per_key[key] = seen + 1
+        return fragment
+
+    def _status(self, status: Status) -> bytes:
+        skey = (status.status_code.value, status.description)
+        fragment = self._statuses.get(skey)
+        if fragment is None:
+            # An empty Status is still *present* in encode_spans' output, and
+            # its serialisation (a zero-length field) keeps that presence.
+            pb = PbSpan(
+                status=PbStatus(code=PbStatus.StatusCode.ValueType(skey[0]), message=skey[1] or "")
+            )
+            fragment = pb.SerializeToString()
+            if len(self._statuses) >= self._max_objects:
+                self._statuses.clear()
+            self._statuses[skey] = fragment
+        return fragment
+
+    def _resource(self, resource: Resource) -> PbResource:
+        hit = self._resources.get(id(resource))
+        if hit is not None and hit[0] is resource:
+            return hit[1]
+        encoded = PbResource(attributes=_key_values(resource.attributes))
+        if len(self._resources) >= self._max_objects:
+            self._resources.clear()
+        self._resources[id(resource)] = (resource, encoded)
+        return encoded
+
+    def _scope(self, scope: InstrumentationScope | None) -> PbScope:
+        hit = self._scopes.get(id(scope))
+        if hit is not None and hit[0] is scope:
+            return hit[1]
+        if scope is None:
+            encoded = PbScope()
+        else:
+            encoded = PbScope(
+                name=scope.name,
+                version=scope.version or "",
+                attributes=_key_values(scope.attributes),
+            )
+        if len(self._scopes) >= self._max_objects:
+            self._scopes.clear()
+        self._scopes[id(scope)] = (scope, encoded)
+        return encoded
+
+    # --- encoding -----------------------------------------------------------
+
+    def encode(self, spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+        """The request ``encode_spans(spans)`` would build, grouped the same way."""
+        for span in spans:
+            if span.context is None or span.events or span.links:
+                return encode_spans(spans)
+
+        request = ExportTraceServiceRequest()
+        # Group like encode_spans: by equal resource, then equal scope, in
+        # order of first appearance. Identity first: equality (a dict
+        # comparison) only once per new object.
+        groups: list[tuple[Resource, Any]] = []
+        by_resource: dict[int, Any] = {}
+        scope_lists: dict[int, list[tuple[InstrumentationScope | None, Any]]] = {}
+        for span in spans:
+            resource = span.resource
+            resource_spans = by_resource.get(id(resource))
+            if resource_spans is None:
+                for known, known_rs in groups:
+                    # encode_spans groups in a dict: equal *and* same hash.
+                    if known == resource and hash(known) == hash(resource):
+                        resource_spans = known_rs
+                        break
+                else:
+                    resource_spans = request.resource_spans.add()
+                    resource_spans.resource.CopyFrom(self._resource(resource))
+                    if resource.schema_url:
+                        resource_spans.schema_url = resource.schema_url
+                    groups.append((resource, resource_spans))
+                    scope_lists[id(resource_spans)] = []
+                by_resource[id(resource)] = resource_spans
+            scope = span.instrumentation_scope or None
+            scopes = scope_lists[id(resource_spans)]
+            scope_spans = None
+            for known_scope, known_ss in scopes:
+                if known_scope is scope or known_scope == scope:
+                    scope_spans = known_ss
+                    break
+            if scope_spans is None:
+                scope_spans = resource_spans.scope_spans.add()
+                scope_spans.scope.CopyFrom(self._scope(scope))
+                if scope is not None and scope.schema_url:
+                    scope_spans.schema_url = scope.schema_url
+                scopes.append((scope, scope_spans))
+            self._encode_span(span, scope_spans.spans.add())
+        return request
+
+    def serialize(self, spans: Sequence[ReadableSpan]) -> bytes:
+        """The encoded request's wire bytes."""
+        data: bytes = self.encode(spans).SerializeToString()
+        return data
+
+    def _encode_span(self, span: ReadableSpan, out: Any) -> None:
+        ctx = span.context
+        assert ctx is not None  # checked by encode()
+        parent = span.parent
+        out.trace_id = ctx.trace_id.to_bytes(16, "big")
+        out.span_id = ctx.span_id.to_bytes(8, "big")
+        state = ctx.trace_state
+        if state:
+            out.trace_state = ",".join(f"{k}={v}" for k, v in state.items())
+        if parent is not None:
+            out.parent_span_id = parent.span_id.to_bytes(8, "big")
+            out.flags = _FLAGS_REMOTE if parent.is_remote else _FLAGS_LOCAL
+        else:
+            out.flags = _FLAGS_LOCAL
+        if span.name:
+            out.name = span.name
+        out.kind = _KIND[span.kind]
+        if span.start_time:
+            out.start_time_unix_nano = span.start_time
+        if span.end_time:
+            out.end_time_unix_nano = span.end_time
+        dropped = span.dropped_attributes
+        if dropped:
+            out.dropped_attributes_count = dropped
+        dropped = span.dropped_events
+        if dropped:
+            out.dropped_events_count = dropped
+        dropped = span.dropped_links
+        if dropped:
+            out.dropped_links_count = dropped
+
+        # Runs of cached fragments are merged in one parse; an uncached
+        # pair flushes the run first so that attribute order is kept.
+        run = [self._status(span.status)]
+        attributes = span.attributes
+        if attributes:
+            pairs = self._pairs
+            volatile = self._volatile
+            value: Any
+            for key, value in attributes.items():
+                vtype = type(value)
+                fragment = pairs.get((key, vtype, tuple(value) if vtype is list else value))
+                if fragment is None and key not in volatile:
+                    try:
+                        fragment = self._miss(key, vtype, value)
+                    except (TypeError, ValueError) as exc:
+                        _logger.warning("dropping attribute %r: %s", key, exc)
+                        continue
+                if fragment is not None:
+                    run.append(fragment)
+                    continue
+                if run:
+                    out.MergeFromString(b"".join(run))
+                    run = []
+                _add_attribute(out.attributes, key, value)
+        if run:
+            out.MergeFromString(b"".join(run))

@@ -327,6 +327,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].axhline(50, color="tab:blue", lw=0.8, ls=":")
     axes[0].set_yscale("log")
     axes[1].axhline(99.9, color="tab:green", lw=0.8, ls=":")
+    axes[2].set_yscale("log")
     fig.suptitle(f"Clovisor vs tshark vs untraced — {machine_line(result['machine'])} — "
                  f"{result['started']}", fontsize=10)
     fig.tight_layout()

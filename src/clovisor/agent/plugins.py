@@ -101,6 +101,11 @@ from ..specs import SpecError
 
 log = logging.getLogger(__name__)
 
+# What plugin code may throw at us. SystemExit too: a plugin calling
+# sys.exit() must not end the thread that loaded it. KeyboardInterrupt is
+# the operator's and passes.
+PluginError = (Exception, SystemExit)
+
 PLUGIN_PACKAGE = "clovisor.parsers"
 ENTRY_POINT_GROUP = "clovisor.parsers"
 FACTORY_ATTRIBUTE = "PARSER"
@@ -231,7 +236,7 @@ class GuardedConnection(Connection):
             inner = factory(endpoints, limits, stats, out, synced=synced)
             if not isinstance(inner, Connection):
                 raise TypeError(f"factory returned {type(inner).__name__}, not a Connection")
-        except Exception as exc:
+        except PluginError as exc:
             # A connection that is over before it began: the tracker drops it.
             super().__init__(endpoints, limits, stats, out)
             self.reset = True
@@ -255,14 +260,14 @@ class GuardedConnection(Connection):
         self.fin_server = inner.fin_server
         self.reset = inner.reset
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: BaseException) -> None:
         inner, self._inner = self._inner, None
         self.reset = True  # finished: the tracker forgets the connection
         self._registry.fault(self._name, exc, self.stats)
         if inner is not None:
             try:
                 inner.release()
-            except Exception:
+            except PluginError:
                 # Its half-streams are the base class's; give their bytes back directly.
                 self.req.flush()
                 self.resp.flush()
@@ -274,7 +279,7 @@ class GuardedConnection(Connection):
             return
         try:
             inner.feed(seg)
-        except Exception as exc:
+        except PluginError as exc:
             self.last_ts = seg.ts_ns
             self._failed(exc)
             return
@@ -286,7 +291,7 @@ class GuardedConnection(Connection):
             return
         try:
             inner.expire(now_ns)
-        except Exception as exc:
+        except PluginError as exc:
             self._failed(exc)
 
     def flush_and_end(self, outcome: Outcome, ts_ns: int) -> None:
@@ -295,7 +300,7 @@ class GuardedConnection(Connection):
             return
         try:
             inner.flush_and_end(outcome, ts_ns)
-        except Exception as exc:
+        except PluginError as exc:
             self._failed(exc)
 
     def release(self) -> None:
@@ -306,7 +311,7 @@ class GuardedConnection(Connection):
             return
         try:
             inner.release()
-        except Exception as exc:
+        except PluginError as exc:
             self._failed(exc)
 
     # The hooks belong to the inner connection; the guard never reassembles itself.
@@ -374,7 +379,7 @@ def check_factory(obj: object, what: str) -> ParserFactory:
         pass  # no introspectable signature (some builtins): the trial call decides
     try:
         conn = obj(endpoints, limits, stats, out, synced=True)
-    except Exception as exc:
+    except PluginError as exc:
         raise _Rejected(f"{what} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(conn, Connection):
         raise _Rejected(
@@ -382,7 +387,7 @@ def check_factory(obj: object, what: str) -> ParserFactory:
         )
     try:
         conn.release()
-    except Exception as exc:
+    except PluginError as exc:
         raise _Rejected(f"{what}: release() raised {type(exc).__name__}: {exc}") from None
     return obj
 
@@ -611,14 +616,18 @@ class ParserRegistry:
         except _Rejected:
             raise
         except ModuleNotFoundError as exc:
-            if exc.name is None or not _module_name(entry.reference).startswith(exc.name):
+            wanted = _module_name(entry.reference)
+            missing = exc.name is not None and (
+                wanted == exc.name or wanted.startswith(exc.name + ".")
+            )
+            if ep is not None or not missing:
                 # The plugin is there but imports something that is not.
                 raise _Rejected(f"{what}: import failed: {exc}") from None
             raise _Rejected(
                 f"{what}: not installed (no entry point {entry.reference!r} in group "
                 f"{ENTRY_POINT_GROUP!r}, no module {_module_name(entry.reference)})"
             ) from None
-        except Exception as exc:
+        except PluginError as exc:
             raise _Rejected(
                 f"{what}: import failed: {type(exc).__name__}: {exc}"
             ) from None

@@ -189,10 +189,11 @@ def test_tcx_next_to_foreign_programs(
     try:
         before = list_hooks(idx)
         a = attach(idx, ours.prog_fd("clv_t_in"), ours.prog_fd("clv_t_eg"), mode="tcx")
-        # Appended: the foreign program keeps running first.
+        # Ours goes first, so a foreign program that ends the chain cannot hide
+        # traffic from it; the foreign ones keep their order behind it.
         names = [(h.direction, h.position, h.prog_name) for h in list_hooks(idx)]
-        assert names == [("ingress", 0, "foreign_in"), ("ingress", 1, "clv_t_in"),
-                         ("egress", 0, "foreign_eg"), ("egress", 1, "clv_t_eg")]
+        assert names == [("ingress", 0, "clv_t_in"), ("ingress", 1, "foreign_in"),
+                         ("egress", 0, "clv_t_eg"), ("egress", 1, "foreign_eg")]
         # A program another agent appends after ours still runs, because ours
         # returns TC_ACT_UNSPEC ("next"), not TC_ACT_OK.
         links.append(foreign_tcx(other.prog_fd("other_in"), idx, att.BPF_TCX_INGRESS))

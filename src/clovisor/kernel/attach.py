@@ -4,9 +4,12 @@ Two mechanisms, one contract ("leave everything else exactly as it was"):
 
 * **TCX links** (Linux >= 6.6), preferred: ``bpf_link_create`` with
   ``BPF_TCX_INGRESS``/``BPF_TCX_EGRESS``.  The link lives as long as its fd,
-  so an agent that dies (even by SIGKILL) leaves nothing attached.  Ours is
-  appended after any program already there, and since the classifier
-  returns ``TC_ACT_UNSPEC`` (TCX "next") the programs after it run too.
+  so an agent that dies (even by SIGKILL) leaves nothing attached.  Ours
+  goes *first* (``BPF_F_BEFORE`` with no relative program): an agent's
+  program that ends the chain (``TCX_PASS``, a redirect) would otherwise
+  hide the traffic from us, and since the classifier only observes and
+  returns ``TC_ACT_UNSPEC`` (TCX "next"), every program after it still runs
+  on exactly the packet it would have seen.
 * **clsact + tc filter**, the fallback for older kernels (or ``mode="clsact"``):
   the qdisc may belong to another agent (Cilium, Calico...), so it is created
   only when absent, our filter sits at a fixed and distinctive handle and
@@ -144,6 +147,20 @@ class _ProgQueryOpts(ctypes.Structure):
         ("prog_cnt", ctypes.c_uint32),
         ("prog_attach_flags", ctypes.POINTER(ctypes.c_uint32)),
     ]
+
+
+_BPF_F_BEFORE = 1 << 3
+
+
+class _LinkCreateOpts(ctypes.Structure):
+    """libbpf 1.1's ``struct bpf_link_create_opts`` up to ``flags``.
+
+    ``sz`` says how much of it we pass; libbpf forwards ``flags`` to the
+    kernel for attach types it does not know (TCX), with relative_fd 0:
+    "before every program", i.e. first.
+    """
+
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
 
 
 class _Lib:
@@ -663,8 +680,8 @@ def attach(
 def _attach_tcx(att: Attachment, progs: dict[Direction, int]) -> None:
     for d, fd in progs.items():
         att.prog_ids[d] = _prog_id_of_fd(fd)
-        # No flags and no relative program: appended after whatever is there.
-        rc = _lib().link_create(fd, att.ifindex, _TCX_TYPE[d], None)
+        opts = _LinkCreateOpts(sz=ctypes.sizeof(_LinkCreateOpts), flags=_BPF_F_BEFORE)
+        rc = _lib().link_create(fd, att.ifindex, _TCX_TYPE[d], ctypes.byref(opts))
         if rc < 0:
             hint = ""
             if rc == -errno.EINVAL:

@@ -38,6 +38,7 @@ import bisect
 import contextlib
 import copy
 import json
+import select
 import socket
 import threading
 import time
@@ -238,6 +239,15 @@ class _Selector:
 # --- the server ----------------------------------------------------------------
 
 
+def _hung_up(conn: socket.socket) -> bool:
+    """The peer closed its end (readable, and a peek reads nothing)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
@@ -333,6 +343,7 @@ class KubeServer:
         self._failures: list[_Failure] = []
         self._requests: list[Request] = []
         self._conns: set[socket.socket] = set()
+        self._watching = 0  # open watch streams
         self._down = True
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -537,6 +548,10 @@ class KubeServer:
     def active_connections(self) -> int:
         with self._cond:
             return len(self._conns)
+
+    def active_watches(self) -> int:
+        with self._cond:
+            return self._watching
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
         """Poll ``predicate`` until true (for waits on the request log)."""
@@ -782,32 +797,44 @@ class KubeServer:
                 data = b"".join(json.dumps(e).encode() + b"\n" for e in events)
                 h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
-        send(pending)
-        while not expired:
-            with self._cond:
-                while (
-                    cursor >= len(self._history)
-                    and not self._down
-                    and epoch == self._epoch
-                    and ends == self._ends
-                    and time.monotonic() < deadline
-                ):
-                    self._cond.wait(max(0.0, deadline - time.monotonic()))
-                if self._down:
-                    # Cut, not ended: the client must see a broken stream.
-                    h.close_connection = True
-                    with contextlib.suppress(OSError):
-                        h.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if epoch != self._epoch:
-                    expired = True
+        with self._cond:
+            self._watching += 1
+        try:
+            send(pending)
+            while not expired:
+                with self._cond:
+                    while (
+                        cursor >= len(self._history)
+                        and not self._down
+                        and epoch == self._epoch
+                        and ends == self._ends
+                        and time.monotonic() < deadline
+                    ):
+                        # Wake now and then to notice a client that hung up, as
+                        # kube-apiserver does, so the handler does not linger.
+                        self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+                        if _hung_up(h.connection):
+                            h.close_connection = True
+                            return
+                    if self._down:
+                        # Cut, not ended: the client must see a broken stream.
+                        h.close_connection = True
+                        with contextlib.suppress(OSError):
+                            h.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    if epoch != self._epoch:
+                        expired = True
+                        break
+                    batch = self._history[cursor:]
+                    cursor = len(self._history)
+                    finished = ends != self._ends or time.monotonic() >= deadline
+                send([v for v in (self._view(e, resource, match, bookmarks) for e in batch) if v])
+                if finished:
                     break
-                batch = self._history[cursor:]
-                cursor = len(self._history)
-                finished = ends != self._ends or time.monotonic() >= deadline
-            send([v for v in (self._view(e, resource, match, bookmarks) for e in batch) if v])
-            if finished:
-                break
-        if expired:
-            send([{"type": "ERROR", "object": gone}])
-        h.wfile.write(b"0\r\n\r\n")  # a clean end, as at timeoutSeconds
+            if expired:
+                send([{"type": "ERROR", "object": gone}])
+            h.wfile.write(b"0\r\n\r\n")  # a clean end, as at timeoutSeconds
+        finally:
+            with self._cond:
+                self._watching -= 1
+                self._cond.notify_all()

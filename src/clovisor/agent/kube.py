@@ -94,7 +94,11 @@ def api_client(kubeconfig: str | None = None) -> ApiClient:
             raise KubeError(f"kubeconfig {kubeconfig}: {_one_line(exc)}") from None
     elif env_file:
         try:
-            _config.load_kube_config(client_configuration=cfg, persist_config=False)
+            # Passed explicitly: the loader reads $KUBECONFIG once, at import.
+            # A list of files (colon-separated) is merged, as kubectl does.
+            _config.load_kube_config(
+                config_file=env_file, client_configuration=cfg, persist_config=False
+            )
         except Exception as exc:
             raise KubeError(f"KUBECONFIG={env_file}: {_one_line(exc)}") from None
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -386,10 +390,14 @@ class _Reflector:
             raise _Stopped
         return resp
 
-    def _done(self, resp: Any) -> None:
+    def _done(self, resp: Any, *, clean: bool) -> None:
         with self._resp_lock:
             self._resp = None
         with contextlib.suppress(Exception):
+            if not clean:
+                # Half-read or cut: the connection must not go back to the pool
+                # for reuse, and closing it tells the server we are gone.
+                resp.close()
             resp.release_conn()
 
     def abort(self) -> None:
@@ -471,10 +479,13 @@ class _Reflector:
             if cont:
                 kwargs["_continue"] = cont
             resp = self._call(**kwargs)
+            clean = False
             try:
-                body = json.loads(resp.data)
+                data = resp.data
+                clean = True
             finally:
-                self._done(resp)
+                self._done(resp, clean=clean)
+            body = json.loads(data)
             meta = _map(body.get("metadata"))
             # Pages of one list share a snapshot; a 410 on a continue token
             # (raised as ApiException) restarts the whole list from run().
@@ -522,7 +533,7 @@ class _Reflector:
         # agents on every node must not all reconnect in the same second.
         timeout = max(1, int(owner.watch_timeout * random.uniform(1.0, 2.0)))
         started = time.monotonic()
-        got_events = False
+        got_events = clean = False
         resp = self._call(
             watch=True,
             resource_version=self.resource_version,
@@ -545,8 +556,9 @@ class _Reflector:
                 if self._event(json.loads(line)) and not got_events:
                     got_events = True
                     self._backoff.reset()
+            clean = True
         finally:
-            self._done(resp)
+            self._done(resp, clean=clean)
         if owner._stopping.is_set():
             raise _Stopped
         if got_events or time.monotonic() - started >= 1.0:

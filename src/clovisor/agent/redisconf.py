@@ -677,9 +677,10 @@ class RedisConfigSource:
         self._apply(config)
 
     def _read(self) -> tuple[dict[str, KeyValue], dict[str, int]]:
-        """Every key in one round trip (a second only for a hash too big for one HSCAN)."""
+        """Every key in one round trip (more only for a hash too big for one HSCAN)."""
         cap = self.max_entries
-        pipe = self._client.pipeline(transaction=False)
+        # MULTI/EXEC: one consistent snapshot even while someone edits several keys.
+        pipe = self._client.pipeline(transaction=True)
         for key in (KEY_LABELS, KEY_EGRESS, KEY_EGRESS_LEGACY):
             pipe.lrange(key, 0, cap - 1)
             pipe.llen(key)
@@ -727,10 +728,10 @@ class RedisConfigSource:
             self._applied = True
         log.info(
             "configuration: labels %s; egress %s; jaeger %s; protocols %s",
-            ", ".join(_label_text(r) for r in config.labels),
-            ", ".join(_egress_text(r) for r in config.egress) or "none",
+            _some(_label_text(r) for r in config.labels),
+            _some(_egress_text(r) for r in config.egress) or "none",
             config.jaeger,
-            ", ".join(f"{n}={r}" for n, r in config.proto_cfg) or "built-in only",
+            _some(f"{n}={r}" for n, r in config.proto_cfg) or "built-in only",
         )
         self._call(self._on_change, config)
 
@@ -775,6 +776,13 @@ def _wrong_type(result: object) -> bool:
 def _error_text(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _some(items: Iterable[str], limit: int = 20) -> str:
+    """The first few items, comma-separated: a 1,000-entry list is not a log line."""
+    items = list(items)
+    text = ", ".join(items[:limit])
+    return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _label_text(rule: LabelRule) -> str:

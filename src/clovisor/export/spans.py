@@ -34,6 +34,7 @@ from opentelemetry.util.types import AttributeValue
 
 from clovisor import __version__
 from clovisor.core.events import Outcome, Protocol, Role, Session
+from clovisor.export.propagation import b3_trace_flags, jaeger_parent
 
 __all__ = [
     "DEFAULT_SENSITIVE_QUERY_KEYS",
@@ -157,19 +158,28 @@ def _clean(s: str) -> str:
     return s
 
 
-def redact_query(query: str, keys: frozenset[str] = DEFAULT_SENSITIVE_QUERY_KEYS) -> str:
+def redact_query(
+    query: str, keys: frozenset[str] = DEFAULT_SENSITIVE_QUERY_KEYS, *, all_values: bool = False
+) -> str:
     """Replace the values of credential-bearing query parameters by REDACTED.
 
     Keeps everything else byte-for-byte, so the query stays recognisable.
-    Splits on ``;`` as well as ``&``: some servers accept both.
+    Splits on ``;`` as well as ``&``: some servers accept both. With
+    ``all_values`` (``--redact-query all``) every value is replaced, and so is
+    a part without ``=``, which may be a bare token; only names remain.
     """
-    if "=" not in query:
+    if "=" not in query and not all_values:
         return query
     # Odd indices hold the separators, so joining restores the original.
     parts = _QUERY_SPLIT_RE.split(query)
     changed = False
     for i in range(0, len(parts), 2):
         name, eq, value = parts[i].partition("=")
+        if all_values:
+            if value or (name and not eq):
+                parts[i] = name + "=" + _REDACTED if eq else _REDACTED
+                changed = True
+            continue
         if not eq or not value:
             continue
         # Decode first: "%41ccess_token" must match too.
@@ -269,6 +279,8 @@ def _remote_parent(
     b3: str | None,
     b3_trace: str | None,
     b3_span: str | None,
+    b3_sampled: str | None = None,
+    b3_flags: str | None = None,
 ) -> tuple[int | None, SpanContext | None]:
     """(trace id to join, parent context) from W3C or B3 headers, if valid.
 
@@ -299,12 +311,8 @@ def _remote_parent(
             tid_b3 = _b3_trace_id(fields[0])
             sid_b3 = _b3_span_id(fields[1])
             if tid_b3 is not None and sid_b3 is not None:
-                flags = TraceFlags.DEFAULT
-                if len(fields) >= 3 and fields[2] in ("1", "d"):
-                    flags = TraceFlags.SAMPLED
-                return tid_b3, SpanContext(
-                    tid_b3, sid_b3, is_remote=True, trace_flags=TraceFlags(flags)
-                )
+                flags = b3_trace_flags(fields[2] if len(fields) >= 3 else None)
+                return tid_b3, SpanContext(tid_b3, sid_b3, is_remote=True, trace_flags=flags)
     if b3_trace is not None:
         tid_b3 = _b3_trace_id(b3_trace)
         if tid_b3 is not None:
@@ -313,7 +321,9 @@ def _remote_parent(
                 # Only the trace id was recorded: still join the trace, as a
                 # root, rather than scatter the session into a trace of its own.
                 return tid_b3, None
-            return tid_b3, SpanContext(tid_b3, sid_b3, is_remote=True, trace_flags=_SAMPLED)
+            return tid_b3, SpanContext(
+                tid_b3, sid_b3, is_remote=True, trace_flags=b3_trace_flags(b3_sampled, b3_flags)
+            )
     return None, None
 
 
@@ -367,6 +377,7 @@ def session_to_span(
     ids: IdGenerator,
     interface_names: Mapping[int, str] | None = None,
     sensitive_query_keys: frozenset[str] = DEFAULT_SENSITIVE_QUERY_KEYS,
+    redact_all_query: bool = False,
     scope: InstrumentationScope = SCOPE,
 ) -> ReadableSpan:
     """One finished span for one session.
@@ -375,6 +386,8 @@ def session_to_span(
     :class:`clovisor.clock.MonotonicToWall`); ``resource`` carries the pod's
     identity (service.name, k8s.*). ``interface_names`` maps ifindex to the
     veth name for ``clovisor.interface`` when the caller knows it.
+    ``redact_all_query`` (``--redact-query all``) redacts every query value,
+    not only the ``sensitive_query_keys`` ones.
     """
     attrs: dict[str, AttributeValue] = {}
     is_server = session.role is Role.SERVER
@@ -389,6 +402,7 @@ def session_to_span(
     query: str | None = None
     host_header: str | None = None
     traceparent = tracestate = b3 = b3_trace = b3_span = None
+    b3_sampled = b3_flags = uber = None
 
     if is_http:
         name = "HTTP"
@@ -411,7 +425,7 @@ def session_to_span(
                 path = _redact_path(path)
                 attrs["url.path"] = path
             if query is not None:
-                query = redact_query(query, sensitive_query_keys)
+                query = redact_query(query, sensitive_query_keys, all_values=redact_all_query)
                 if query:
                     attrs["url.query"] = query
             attrs["url.scheme"] = scheme or "http"
@@ -432,6 +446,12 @@ def session_to_span(
                     b3_trace = hvalue
                 elif hname == "x-b3-spanid":
                     b3_span = hvalue
+                elif hname == "x-b3-sampled":
+                    b3_sampled = hvalue
+                elif hname == "x-b3-flags":
+                    b3_flags = hvalue
+                elif hname == "uber-trace-id":
+                    uber = hvalue
             _add_headers(attrs, req.headers, _req_header_keys, "http.request.header.")
             if req.body_size is not None:
                 attrs["http.request.body.size"] = req.body_size
@@ -520,7 +540,11 @@ def session_to_span(
     parent: SpanContext | None = None
     trace_id: int | None = None
     if traceparent is not None or b3 is not None or b3_trace is not None:
-        trace_id, parent = _remote_parent(traceparent, tracestate, b3, b3_trace, b3_span)
+        trace_id, parent = _remote_parent(
+            traceparent, tracestate, b3, b3_trace, b3_span, b3_sampled, b3_flags
+        )
+    if trace_id is None and uber is not None:
+        trace_id, parent = jaeger_parent(uber)
     if trace_id is None:
         trace_id = ids.generate_trace_id()
     context = SpanContext(

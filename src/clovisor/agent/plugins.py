@@ -104,7 +104,7 @@ log = logging.getLogger(__name__)
 # What plugin code may throw at us. SystemExit too: a plugin calling
 # sys.exit() must not end the thread that loaded it. KeyboardInterrupt is
 # the operator's and passes.
-PluginError = (Exception, SystemExit)
+_PLUGIN_ERRORS = (Exception, SystemExit)
 
 PLUGIN_PACKAGE = "clovisor.parsers"
 ENTRY_POINT_GROUP = "clovisor.parsers"
@@ -236,7 +236,7 @@ class GuardedConnection(Connection):
             inner = factory(endpoints, limits, stats, out, synced=synced)
             if not isinstance(inner, Connection):
                 raise TypeError(f"factory returned {type(inner).__name__}, not a Connection")
-        except PluginError as exc:
+        except _PLUGIN_ERRORS as exc:
             # A connection that is over before it began: the tracker drops it.
             super().__init__(endpoints, limits, stats, out)
             self.reset = True
@@ -267,7 +267,7 @@ class GuardedConnection(Connection):
         if inner is not None:
             try:
                 inner.release()
-            except PluginError:
+            except _PLUGIN_ERRORS:
                 # Its half-streams are the base class's; give their bytes back directly.
                 self.req.flush()
                 self.resp.flush()
@@ -279,7 +279,7 @@ class GuardedConnection(Connection):
             return
         try:
             inner.feed(seg)
-        except PluginError as exc:
+        except _PLUGIN_ERRORS as exc:
             self.last_ts = seg.ts_ns
             self._failed(exc)
             return
@@ -291,7 +291,7 @@ class GuardedConnection(Connection):
             return
         try:
             inner.expire(now_ns)
-        except PluginError as exc:
+        except _PLUGIN_ERRORS as exc:
             self._failed(exc)
 
     def flush_and_end(self, outcome: Outcome, ts_ns: int) -> None:
@@ -300,7 +300,7 @@ class GuardedConnection(Connection):
             return
         try:
             inner.flush_and_end(outcome, ts_ns)
-        except PluginError as exc:
+        except _PLUGIN_ERRORS as exc:
             self._failed(exc)
 
     def release(self) -> None:
@@ -311,7 +311,7 @@ class GuardedConnection(Connection):
             return
         try:
             inner.release()
-        except PluginError as exc:
+        except _PLUGIN_ERRORS as exc:
             self._failed(exc)
 
     # The hooks belong to the inner connection; the guard never reassembles itself.
@@ -379,7 +379,7 @@ def check_factory(obj: object, what: str) -> ParserFactory:
         pass  # no introspectable signature (some builtins): the trial call decides
     try:
         conn = obj(endpoints, limits, stats, out, synced=True)
-    except PluginError as exc:
+    except _PLUGIN_ERRORS as exc:
         raise _Rejected(f"{what} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(conn, Connection):
         raise _Rejected(
@@ -387,7 +387,7 @@ def check_factory(obj: object, what: str) -> ParserFactory:
         )
     try:
         conn.release()
-    except PluginError as exc:
+    except _PLUGIN_ERRORS as exc:
         raise _Rejected(f"{what}: release() raised {type(exc).__name__}: {exc}") from None
     return obj
 
@@ -509,7 +509,7 @@ class ParserRegistry:
                             _show(name))
                 return False
             if entry.builtin or not entry.reference:
-                log.info("reload of protocol %r ignored: it is built in", name)
+                log.info("reload of protocol %r ignored: built in or registered in code", name)
                 return False
             if entry.factory is None:
                 # Never worked (or was disabled): try afresh, as a first load.
@@ -627,7 +627,7 @@ class ParserRegistry:
                 f"{what}: not installed (no entry point {entry.reference!r} in group "
                 f"{ENTRY_POINT_GROUP!r}, no module {_module_name(entry.reference)})"
             ) from None
-        except PluginError as exc:
+        except _PLUGIN_ERRORS as exc:
             raise _Rejected(
                 f"{what}: import failed: {type(exc).__name__}: {exc}"
             ) from None

@@ -83,13 +83,12 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.util.re import parse_env_headers
 
 from clovisor import __version__
 from clovisor.export import ExporterConfigError
@@ -219,6 +218,31 @@ def _grpc_endpoint(url: str, source: str, environ: Mapping[str, str]) -> tuple[s
     return f"{parts.scheme}://{host}:{port}", parts.scheme == "http"
 
 
+def _parse_headers(var: str, text: str) -> tuple[tuple[str, str], ...]:
+    """``key=value,...`` with URL-encoded values, as the specification writes them.
+
+    Strict where the SDK only logs: a header silently lost is a credential
+    silently missing, seen only as 401s later. Values are credentials: no
+    message echoes them.
+    """
+    headers: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep or not _HEADER_KEY_RE.fullmatch(key):
+            raise ExporterConfigError(
+                f"{var}: invalid header name {key!r} (expected name=value,name2=value2)"
+            )
+        value = unquote(value.strip())
+        # gRPC metadata and HTTP headers refuse anything else at send time.
+        if not _HEADER_VALUE_RE.fullmatch(value):
+            raise ExporterConfigError(f"{var}: the value of header {key!r} must be printable ASCII")
+        headers[key] = value
+    return tuple(headers.items())
+
+
 def resolve_config(
     kind: str, target: str = "", environ: Mapping[str, str] | None = None
 ) -> OtlpConfig:
@@ -272,17 +296,7 @@ def resolve_config(
 
     headers: tuple[tuple[str, str], ...] = ()
     if setting := _setting(env, "HEADERS"):
-        parsed = parse_env_headers(setting[1], liberal=True)
-        headers = tuple((k.strip().lower(), v.strip()) for k, v in parsed.items() if k.strip())
-        for key, value in headers:
-            # Checked now, not at the first send: gRPC metadata and HTTP
-            # headers refuse these. Values are credentials: never echoed.
-            if not _HEADER_KEY_RE.fullmatch(key):
-                raise ExporterConfigError(f"{setting[0]}: invalid header name {key!r}")
-            if not _HEADER_VALUE_RE.fullmatch(value):
-                raise ExporterConfigError(
-                    f"{setting[0]}: the value of header {key!r} must be printable ASCII"
-                )
+        headers = _parse_headers(*setting)
 
     timeout = DEFAULT_TIMEOUT
     if setting := _setting(env, "TIMEOUT"):

@@ -360,7 +360,15 @@ class ProtobufSpanEncoder:
             value: Any
             for key, value in attributes.items():
                 vtype = type(value)
-                fragment = pairs.get((key, vtype, tuple(value) if vtype is list else value))
+                if vtype is str or vtype is int or vtype is bool:
+                    fragment = pairs.get((key, vtype, value))
+                elif vtype is list or vtype is tuple:
+                    try:
+                        fragment = pairs.get((key, vtype, tuple(value)))
+                    except TypeError:  # unhashable items: never cached
+                        fragment = None
+                else:
+                    fragment = None
                 if fragment is None and key not in volatile:
                     try:
                         fragment = self._miss(key, vtype, value)

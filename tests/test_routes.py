@@ -80,6 +80,7 @@ def test_fold_target_forms() -> None:
     assert folder.fold_target("/users/1?x=1") == "/users/{id}"
     assert folder.fold_target("http://example.com/users/1?x=1") == "/users/{id}"
     assert folder.fold_target("http://example.com") == "/"
+    assert folder.fold_target("http://example.com?u=/users/1") == "/"
     assert folder.fold_target("*") == "*"
     assert folder.fold_target("example.com:443") == ""
 

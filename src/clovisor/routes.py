@@ -201,6 +201,10 @@ class RouteFolder:
 
     def fold(self, path: str) -> str:
         """The route for a path (a query, if any, is ignored)."""
+        if "?" in path:
+            # Cut before the cache lookup: cache-busting queries would
+            # otherwise make every request a miss.
+            path = path.partition("?")[0]
         route = self._cache.get(path)
         if route is None:
             route = self._fold(path)
@@ -219,10 +223,14 @@ class RouteFolder:
             return "*"
         scheme, sep, rest = target.partition("://")
         if sep and scheme.isalnum():  # absolute-form (requests to a proxy)
-            slash = rest.find("/")
-            if slash < 0:
+            end = len(rest)
+            for ch in "/?#":  # the authority ends at the first of these
+                idx = rest.find(ch)
+                if 0 <= idx < end:
+                    end = idx
+            if end == len(rest) or rest[end] != "/":
                 return self.fold("/")
-            return self.fold(rest[slash:])
+            return self.fold(rest[end:])
         return ""  # authority-form (CONNECT host:port) has no path
 
     @property

@@ -239,6 +239,11 @@ class _Selector:
 # --- the server ----------------------------------------------------------------
 
 
+def _true(value: str | None) -> bool:
+    # Go's strconv.ParseBool: older python clients send "True", newer "true".
+    return value in ("1", "t", "T", "true", "TRUE", "True")
+
+
 def _hung_up(conn: socket.socket) -> bool:
     """The peer closed its end (readable, and a peek reads nothing)."""
     try:
@@ -257,7 +262,7 @@ class Request:
 
     @property
     def watch(self) -> bool:
-        return self.query.get("watch") in ("true", "1")
+        return _true(self.query.get("watch"))
 
     @property
     def resource(self) -> str:
@@ -756,7 +761,7 @@ class KubeServer:
         self, h: _Handler, resource: str, match: _Selector, query: Mapping[str, str]
     ) -> None:
         rv_param = query.get("resourceVersion", "")
-        bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        bookmarks = _true(query.get("allowWatchBookmarks"))
         try:
             timeout = float(query.get("timeoutSeconds") or 1800)
             since = int(rv_param) if rv_param not in ("", "0") else None

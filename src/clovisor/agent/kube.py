@@ -109,7 +109,9 @@ def api_client(kubeconfig: str | None = None) -> ApiClient:
         except Exception as exc:
             raise KubeError(f"in-cluster credentials: {_one_line(exc)}") from None
     else:
-        default = os.path.expanduser(_config.KUBE_CONFIG_DEFAULT_LOCATION)
+        # Not the loader's KUBE_CONFIG_DEFAULT_LOCATION: that is $KUBECONFIG as
+        # it was at import time.
+        default = os.path.expanduser("~/.kube/config")
         if not os.path.exists(default):
             raise KubeError(
                 "no Kubernetes credentials: not running in a pod (KUBERNETES_SERVICE_HOST "
@@ -324,18 +326,18 @@ def _abort(resp: Any) -> None:
 
 def _lines(resp: Any) -> Iterator[bytes]:
     """Complete newline-terminated lines of a chunked watch response, as they arrive."""
-    buf = b""
+    buf = bytearray()
     for chunk in resp.stream(amt=None, decode_content=False):
         buf += chunk
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                break
-            line, buf = buf[:nl], buf[nl + 1 :]
+        start = 0
+        while (nl := buf.find(b"\n", start)) >= 0:
+            line = bytes(buf[start:nl])
+            start = nl + 1
             if line.strip():
                 yield line
+        del buf[:start]
     if buf.strip():
-        yield buf
+        yield bytes(buf)
 
 
 class _Reflector:
@@ -362,6 +364,7 @@ class _Reflector:
         self._resp_lock = threading.Lock()
         self._backoff = _Backoff(owner.backoff_initial, owner.backoff_max)
         self._failing = 0  # consecutive failures, for log-once-then-quiet
+        self._list_started = -1e9
         self.n = dict.fromkeys(
             (
                 "lists",
@@ -448,19 +451,11 @@ class _Reflector:
             except _Stopped:
                 break
             except _Expired:
-                self.n["expired"] += 1
-                log.info(
-                    "kube %s: resourceVersion %s expired (410 Gone); listing again",
-                    self.resource,
-                    self.resource_version,
-                )
-                self.resource_version = None
+                self._expired()
             except ApiException as exc:
-                if exc.status == HTTP_GONE:
-                    self.n["expired"] += 1
-                    self.resource_version = None
-                    continue
-                if not stopping.is_set():
+                if exc.status == HTTP_GONE:  # as a status: watch start, or a stale continue token
+                    self._expired()
+                elif not stopping.is_set():
                     self._fail(exc)
             except Exception as exc:
                 # urllib3 connection/protocol/timeout errors, OSError, bad JSON:
@@ -468,7 +463,21 @@ class _Reflector:
                 if not stopping.is_set():
                     self._fail(exc)
 
+    def _expired(self) -> None:
+        self.n["expired"] += 1
+        log.info(
+            "kube %s: resourceVersion %s expired (410 Gone); listing again",
+            self.resource,
+            self.resource_version or "(list in progress)",
+        )
+        self.resource_version = None
+        # Relist at once, unless the last list was a moment ago: a server that
+        # answers 410 to what it just listed must not get a list per loop.
+        if time.monotonic() - self._list_started < 1.0:
+            self.owner._stopping.wait(self._backoff.next())
+
     def _list(self) -> None:
+        self._list_started = time.monotonic()
         items: list[Any] = []
         cont: str | None = None
         rv = ""

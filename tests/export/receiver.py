@@ -20,6 +20,7 @@ receiver owns its server, threads and port.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.server
 import socket
@@ -184,11 +185,11 @@ def _count(request: ExportTraceServiceRequest) -> int:
 # --- gRPC --------------------------------------------------------------------
 
 
-class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, owner: GrpcReceiver) -> None:
         self._owner = owner
 
-    def Export(self, request: ExportTraceServiceRequest, context: Any) -> Any:  # noqa: N802
+    def Export(self, request: ExportTraceServiceRequest, context: Any) -> Any:
         owner = self._owner
         mode, retry_after = owner._decide()
         if mode == "hang":
@@ -230,7 +231,8 @@ class GrpcReceiver(Receiver):
             # Exclusive port: a restarted receiver must really own it.
             options=[("grpc.so_reuseport", 0)],
         )
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), server)
+        add = trace_service_pb2_grpc.add_TraceServiceServicer_to_server
+        add(_Servicer(self), server)  # type: ignore[no-untyped-call]
         host = f"[{self.host}]" if ":" in self.host else self.host
         port = server.add_insecure_port(f"{host}:{self.port}")
         if not port:
@@ -259,7 +261,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a test's output is not the place for access logs
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         owner = self.server.owner
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
@@ -366,10 +368,8 @@ class HttpReceiver(Receiver):
         with self._conns_lock:
             conns, self._conns = self._conns, set()
         for conn in conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self._thread is not None:
             self._thread.join(5)
         self._server = self._thread = None

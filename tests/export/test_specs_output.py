@@ -22,7 +22,11 @@ from clovisor.specs import OutputSpec, SpecError, parse_output
         ("otlp:http://jaeger:4318", "otlp-http", "http://jaeger:4318/v1/traces"),
         ("otlp:http://jaeger", "otlp-http", "http://jaeger:4318/v1/traces"),
         ("otlp:http://jaeger/", "otlp-http", "http://jaeger:4318/v1/traces"),
-        ("otlp:http://127.0.0.1:8080/otlp/v1/traces", "otlp-http", "http://127.0.0.1:8080/otlp/v1/traces"),
+        (
+            "otlp:http://127.0.0.1:8080/otlp/v1/traces",
+            "otlp-http",
+            "http://127.0.0.1:8080/otlp/v1/traces",
+        ),
         ("otlp:https://gw.example.com:443", "otlp-http", "https://gw.example.com:443/v1/traces"),
         ("otlp:http://[fd00::1]", "otlp-http", "http://[fd00::1]:4318/v1/traces"),
         ("otlp", "otlp", ""),

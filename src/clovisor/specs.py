@@ -25,14 +25,14 @@ class SpecError(ValueError):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PortSpec:
     port: int
-    protocol: Protocol
+    protocol: int  # a Protocol member, or a parser plugin's kernel id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EgressSpec:
     addr: IPAddress | None  # None: any address (the original's "0")
     port: int
-    protocol: Protocol = Protocol.HTTP
+    protocol: int = Protocol.HTTP
     pod_prefix: str = ""
 
 

@@ -411,3 +411,19 @@ def test_early_response_keeps_the_declared_body_size() -> None:
     segs += c.response(ok(b"nope", status="413 Payload Too Large"))
     out, _ = run(segs)
     assert out[0].request is not None and out[0].request.body_size == 100_000
+
+
+def test_parser_plugin_is_reached_through_the_lookup() -> None:
+    from clovisor.parsers.lineproto import PARSER
+
+    c = Conversation(protocol=9)  # type: ignore[arg-type]
+    segs = c.handshake() + c.request(b"GET key\n") + c.response(b"VALUE 1\n") + c.close()
+    t = Tracker(parsers=lambda pid: PARSER if pid == 9 else None)
+    out = t.feed_many(segs) + t.close()
+    assert len(out) == 1 and out[0].protocol_name == "lineproto" and out[0].protocol == 9
+    # No parser for id 9 (unloaded, disabled): connection-level accounting instead.
+    c = Conversation(protocol=9)  # type: ignore[arg-type]
+    segs = c.handshake() + c.request(b"GET key\n") + c.response(b"VALUE 1\n") + c.close()
+    (s,) = run(segs)[0]
+    assert s.protocol == 9 and s.protocol_name == "" and (s.request_bytes, s.response_bytes) == (
+        8, 8)

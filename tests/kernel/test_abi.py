@@ -243,7 +243,7 @@ def test_decode_zero_gso_segs_means_one_packet() -> None:
         _record(family=5),
         _record(dir=2),
         _record(role=0),
-        _record(proto=9),
+        _record(proto=0),
     ],
     ids=[
         "empty",
@@ -291,3 +291,9 @@ def test_decode_cost(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(f"\ndecode_segment: {best * 1e9:.0f} ns/record")
     assert best < 20e-6
+
+
+def test_decode_keeps_a_parser_plugins_protocol_id() -> None:
+    seg = abi.decode_segment(_record(proto=9))
+    assert seg.protocol == 9 and not isinstance(seg.protocol, Protocol)
+    assert abi.decode_segment(_record(proto=2)).protocol is Protocol.HTTP

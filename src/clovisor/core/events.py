@@ -58,7 +58,7 @@ class Segment(NamedTuple):
     ifindex: int
     role: Role
     direction: Direction
-    protocol: Protocol
+    protocol: int  # a Protocol member, or a parser plugin's id (3-255)
     family: int  # 4 or 6
     saddr: bytes  # 4 or 16 bytes
     daddr: bytes
@@ -105,10 +105,14 @@ class HttpResponse:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Session:
-    """One request/response exchange (HTTP) or one connection (TCP)."""
+    """One request/response exchange (HTTP) or one connection (TCP).
+
+    Parser plugins fill ``protocol_name`` and ``attributes`` (low-cardinality
+    names; the exporter adds them to the span as they are).
+    """
 
     role: Role
-    protocol: Protocol
+    protocol: int  # a Protocol member, or a parser plugin's id
     ifindex: int
     family: int
     client_addr: str
@@ -124,3 +128,5 @@ class Session:
     request_bytes: int = 0
     response_packets: int = 0
     response_bytes: int = 0
+    protocol_name: str = ""
+    attributes: tuple[tuple[str, str | int | float | bool], ...] = ()

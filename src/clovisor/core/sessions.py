@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol as TypingProtocol
 
 from .budget import UNLIMITED, Budget
 from .events import (
@@ -34,13 +35,28 @@ class Endpoints:
     """Who is who on a connection, resolved once when it is first seen."""
 
     role: Role
-    protocol: Protocol
+    protocol: int
     ifindex: int
     family: int
     client_addr: str
     client_port: int
     server_addr: str
     server_port: int
+
+
+class ConnectionFactory(TypingProtocol):
+    """Builds the per-connection parser: the interface of parser plugins."""
+
+    def __call__(
+        self,
+        endpoints: Endpoints,
+        limits: ReassemblyLimits,
+        stats: Stats,
+        out: list[Session],
+        /,
+        *,
+        synced: bool,
+    ) -> Connection: ...
 
 
 class _Pending:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .budget import Budget
 from .events import SYN, Direction, Outcome, Protocol, Segment, Session
 from .reassembly import ReassemblyLimits, seq_diff
-from .sessions import Connection, Endpoints, HttpConnection, Stats, TcpConnection
+from .sessions import (
+    Connection,
+    ConnectionFactory,
+    Endpoints,
+    HttpConnection,
+    Stats,
+    TcpConnection,
+)
+
+ParserLookup = Callable[[int], ConnectionFactory | None]
 
 ConnKey = tuple[int, int, bytes, int, bytes, int]  # ifindex, role, client, cport, server, sport
 
@@ -80,8 +89,9 @@ class Tracker:
     caller passes to :meth:`advance` (both kernel CLOCK_MONOTONIC).
     """
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, parsers: ParserLookup | None = None) -> None:
         self.limits = limits or Limits()
+        self._parsers = parsers
         self._conns: OrderedDict[ConnKey, Connection] = OrderedDict()
         self._conn_stats = Stats(Budget(self.limits.max_buffered_bytes))
         self.stats = TrackerStats(self._conn_stats)
@@ -188,7 +198,7 @@ class Tracker:
         )
         lim = self.limits
         conn: Connection
-        if seg.protocol is Protocol.HTTP:
+        if seg.protocol == Protocol.HTTP:
             # Only a connection seen from its SYN is known to be at a message boundary.
             conn = HttpConnection(
                 endpoints,
@@ -199,11 +209,27 @@ class Tracker:
                 max_pending=lim.max_pending_requests,
                 max_header_bytes=lim.max_header_bytes,
             )
-        else:
+        elif seg.protocol == Protocol.TCP:
             conn = TcpConnection(endpoints, lim.reassembly, self._conn_stats, self._out)
+        else:
+            conn = self._plugin_connection(endpoints, seg)
         conns[key] = conn
         self.stats.connections += 1
         return conn
+
+    def _plugin_connection(self, endpoints: Endpoints, seg: Segment) -> Connection:
+        lim = self.limits
+        factory = self._parsers(seg.protocol) if self._parsers is not None else None
+        if factory is not None:
+            try:
+                return factory(
+                    endpoints, lim.reassembly, self._conn_stats, self._out,
+                    synced=bool(seg.flags & SYN),
+                )
+            except Exception:
+                self._conn_stats.parse_errors += 1  # a broken plugin costs its connection
+        # No parser (unloaded or disabled): connection-level accounting still works.
+        return TcpConnection(endpoints, lim.reassembly, self._conn_stats, self._out)
 
     def _addr(self, raw: bytes) -> str:
         s = self._addr_cache.get(raw)

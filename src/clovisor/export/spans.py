@@ -472,6 +472,13 @@ def session_to_span(
             if resp.header_truncated:
                 attrs["clovisor.response.header_truncated"] = True
 
+    elif session.protocol_name:
+        # A parser plugin's session: its protocol names the span.
+        name = session.protocol_name
+        attrs["network.protocol.name"] = session.protocol_name
+        for akey, avalue in session.attributes:
+            attrs[akey] = avalue
+
     client_addr = session.client_addr
     server_addr = session.server_addr
     attrs["client.address"] = client_addr

@@ -145,6 +145,7 @@ class MalformedRecord(KernelError):
 _DIRECTIONS = {d.value: d for d in Direction}
 _ROLES = {r.value: r for r in Role}
 _PROTOCOLS = {p.value: p for p in Protocol}
+_FIRST_PLUGIN_ID = max(_PROTOCOLS) + 1
 _unpack = SEGMENT_HEADER.unpack_from
 
 
@@ -165,7 +166,8 @@ def decode_segment(buf: bytes | bytearray | memoryview) -> Segment:
     end = SEGMENT_HEADER_SIZE + cap_len
     direction = _DIRECTIONS.get(rdir)
     role_ = _ROLES.get(role)
-    protocol = _PROTOCOLS.get(proto)
+    # Built-in protocols decode to their enum member; plugin ids (3-255) stay ints.
+    protocol = _PROTOCOLS.get(proto) or (proto if proto >= _FIRST_PLUGIN_ID else None)
     if (
         rtype != CLV_EV_SEGMENT
         or end > size

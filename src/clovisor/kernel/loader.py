@@ -141,6 +141,20 @@ def _check_ring_bytes(ring_bytes: int) -> None:
         raise ValueError(f"ring buffer size {ring_bytes}: must be a power of two >= {page}")
 
 
+def _proto_id(proto: int) -> int:
+    """A kernel protocol id: a built-in Protocol or a parser plugin's id (3-255)."""
+    if not 1 <= int(proto) <= 255:
+        raise ValueError(f"protocol id {proto} out of range 1-255")
+    return int(proto)
+
+
+def _proto_of(value: int) -> int:
+    try:
+        return Protocol(value)
+    except ValueError:
+        return value  # a parser plugin's id
+
+
 def _check_port(port: int) -> None:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range 1-65535")
@@ -381,12 +395,12 @@ class BpfObject:
         for port in ports - used:
             self._set_port_bit(port, False)
 
-    def set_server_port(self, ifindex: int, port: int, proto: Protocol) -> None:
+    def set_server_port(self, ifindex: int, port: int, proto: int) -> None:
         """Trace ``port`` as a server port of the workload behind ``ifindex``."""
         _check_ifindex(ifindex)
         _check_port(port)
         key, value = self._port_entry(ifindex, port)
-        value.proto = Protocol(proto).value
+        value.proto = _proto_id(proto)
         self._store_port_entry(key, value)
 
     def remove_server_port(self, ifindex: int, port: int) -> bool:
@@ -400,7 +414,7 @@ class BpfObject:
         self._store_port_entry(key, value)
         return True
 
-    def set_egress(self, ifindex: int, port: int, addr: IPAddress | None, proto: Protocol) -> None:
+    def set_egress(self, ifindex: int, port: int, addr: IPAddress | None, proto: int) -> None:
         """Trace connections from ``ifindex``'s workload to ``addr``:``port``.
 
         ``addr`` None matches any address (an exact rule wins over it).
@@ -408,7 +422,7 @@ class BpfObject:
         _check_ifindex(ifindex)
         _check_port(port)
         key = _egress_key(ifindex, port, addr)
-        self._update("egress", key, clv_match(proto=Protocol(proto).value))
+        self._update("egress", key, clv_match(proto=_proto_id(proto)))
         pkey, value = self._port_entry(ifindex, port)
         bit = _egress_bit(key.family)
         if not value.egress & bit:
@@ -448,18 +462,18 @@ class BpfObject:
                 removed += self._delete("egress", ekey)
         return removed
 
-    def server_ports(self) -> dict[tuple[int, int], Protocol]:
+    def server_ports(self) -> dict[tuple[int, int], int]:
         """{(ifindex, port): protocol} of the traced server ports, as in the map."""
         result = {}
         for key in self._keys("ports", clv_port_key):
             value = self._lookup_match("ports", key)
             if value is not None and value.proto:
-                result[key.ifindex, key.port] = Protocol(value.proto)
+                result[key.ifindex, key.port] = _proto_of(value.proto)
         return result
 
-    def egress_rules(self) -> dict[tuple[int, int, IPAddress | None], Protocol]:
+    def egress_rules(self) -> dict[tuple[int, int, IPAddress | None], int]:
         """{(ifindex, port, addr or None): protocol} of the egress rules, as in the map."""
-        result: dict[tuple[int, int, IPAddress | None], Protocol] = {}
+        result: dict[tuple[int, int, IPAddress | None], int] = {}
         for key in self._keys("egress", clv_egress_key):
             value = self._lookup_match("egress", key)
             if value is None:
@@ -470,7 +484,7 @@ class BpfObject:
                 addr = ipaddress.IPv4Address(raw[:4])
             elif key.family == 6:
                 addr = ipaddress.IPv6Address(raw)
-            result[key.ifindex, key.port, addr] = Protocol(value.proto)
+            result[key.ifindex, key.port, addr] = _proto_of(value.proto)
         return result
 
     # -- counters ----------------------------------------------------------

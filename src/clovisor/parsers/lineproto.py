@@ -174,6 +174,7 @@ class LineConnection(Connection):
                 request_bytes=req_bytes,
                 response_packets=resp_packets,
                 response_bytes=resp_bytes,
+                protocol_name="lineproto",
             )
         )
 

@@ -21,7 +21,6 @@ from .events import (
     HttpRequest,
     HttpResponse,
     Outcome,
-    Protocol,
     Role,
     Segment,
     Session,

@@ -146,3 +146,23 @@ def prog_stats(pid: int, names: tuple[str, ...] = OUR_PROGRAMS) -> list[ProgStat
                 run_cnt=int(info.get("run_cnt", 0)),
             ))
     return out
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs together, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user
+    return total - idle, total
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """How many CPUs were busy on average between two :func:`cpu_jiffies` samples."""
+    dt = after[1] - before[1]
+    return (after[0] - before[0]) / dt * (os.cpu_count() or 1) if dt > 0 else 0.0
+
+
+def loadavg() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])

@@ -180,7 +180,7 @@ COLUMNS = (
     ("CPU s/1k", "cpu_s_per_1k_req"), ("core %", "cpu_core_pct"),
     ("RSS MiB", "peak_rss_mib"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"),
     ("p99 vs base", "p99_overhead"), ("rps vs base", "rps_ratio"),
-    ("kernel ns/pkt", "kernel_ns_per_run"),
+    ("kernel ns/pkt", "kernel_ns_per_run"), ("busy cores", "machine_busy_cores"),
 )
 
 
@@ -199,7 +199,7 @@ def _fmt(key: str, v: Any) -> str:
         return f"{v:.1f}"
     if key == "cpu_s_per_1k_req":
         return f"{v:.4f}"
-    if key in ("p50_ms", "p99_ms"):
+    if key in ("p50_ms", "p99_ms", "machine_busy_cores"):
         return f"{v:.2f}"
     if isinstance(v, int):
         return f"{v:,}"
@@ -251,7 +251,14 @@ def markdown(result: dict[str, Any]) -> str:
         "- compl. = traced / requests completed by the client;"
         " compl.srv = traced / requests nginx answered (stub_status)",
         "- CPU = utime+stime of the tracer (tshark: with dumpcap) from just before the client"
-        " starts until it has drained; core % = CPU / client run time",
+        " starts until it has drained (went quiet; if not within 30 s, until it exited);"
+        " core % = CPU / client run time;"
+        " CPU µs/req = CPU / requests",
+        "- kernel ns/pkt = run_time_ns / run_cnt of clv_tc_ingress + clv_tc_egress"
+        " (kernel.bpf_stats_enabled=1 during the clovisor runs only)",
+        "- busy cores = the whole machine's busy CPUs while the client ran"
+        f" ({result['machine']['nproc']} in all); other tenants' work shows up there;"
+        f" load average at the start: {result.get('loadavg_start', 'n/a')}",
         "",
         "## Targets",
         "",

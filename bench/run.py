@@ -42,6 +42,7 @@ from clovisor.topology import Topology
 
 from . import nginx, report
 from .clients import Workload, fixed, unthrottled
+from .procstat import loadavg
 from .scenarios import SCENARIOS, BenchError, Env, RunResult, run_client, run_one
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,6 +107,7 @@ def _on_term(signum: int, _frame: FrameType | None) -> None:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     wls = workloads(args.rates, args.close_rates, not args.no_max)
     started = dt.datetime.now(dt.UTC)
+    load_start = loadavg()
     runs: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="clvbench-") as tmpdir, \
             Topology(prefix="clvb", pods=("web", "client")) as topo:
@@ -140,6 +142,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "smoke": bool(args.smoke),
         "duration_s": args.duration,
         "machine": report.machine(),
+        "loadavg_start": load_start,
         "workloads": [asdict(w) | {"label": w.label, "tool": w.tool} for w in wls],
         "scenarios": list(args.scenarios),
         "runs": run_dicts,

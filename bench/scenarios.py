@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -24,12 +25,20 @@ from clovisor.topology import Pod, Topology
 
 from . import nginx
 from .clients import ClientResult, Workload, parse
-from .procstat import TreeSample, bpf_stats_enabled, prog_stats, sample_tree
+from .procstat import (
+    TreeSample,
+    bpf_stats_enabled,
+    busy_cores,
+    cpu_jiffies,
+    loadavg,
+    prog_stats,
+    sample_tree,
+)
 
 SCENARIOS = ("untraced", "clovisor", "tshark")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
-SETTLE_CAP = 20.0
+SETTLE_CAP = 30.0
 
 TOTALS_RE = re.compile(
     r"segments seen (?P<segments>\d+), events lost (?P<events_lost>\d+), "
@@ -90,12 +99,17 @@ class RunResult:
     cpu_us_per_req: float | None = None
     cpu_core_pct: float | None = None  # cpu_s over the client's run time
     peak_rss_mib: float | None = None
+    cpu_s_at_settle: float | None = None  # CPU until the tracer went quiet (before SIGINT)
+    cpu_s_lifetime: float | None = None  # CPU until it exited (shutdown included)
     settle_s: float | None = None
     kernel_ns_per_run: float | None = None
     kernel_runs: int | None = None
     kernel_runs_per_req: float | None = None
     output_bytes: int | None = None
     tracer_pids: tuple[int, ...] = ()
+    # the whole machine while the client ran: other tenants show up here
+    machine_busy_cores: float | None = None
+    loadavg_before: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,18 +130,37 @@ def _wait_for_line(proc: subprocess.Popen[Any], log: Path, needle: str, what: st
     raise BenchError(f"{what} did not start in {START_TIMEOUT}s:\n{log.read_text()}")
 
 
-def _stop(proc: subprocess.Popen[Any], what: str) -> None:
-    """SIGINT the process we started (by pid), then SIGKILL its group if it hangs."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGINT)
+def _reap(proc: subprocess.Popen[Any], flags: int) -> resource.struct_rusage | None:
+    """wait4() our child ourselves, for its lifetime rusage (it and its reaped children)."""
     try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise BenchError(f"{what} did not stop in {STOP_TIMEOUT}s after SIGINT") from None
+        pid, status, usage = os.wait4(proc.pid, flags)
+    except ChildProcessError:
+        return None
+    if pid != proc.pid:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage
+
+
+def _stop(proc: subprocess.Popen[Any], what: str) -> resource.struct_rusage | None:
+    """SIGINT the process we started (by pid) and reap it; SIGKILL its group if it hangs.
+
+    Returns its lifetime resource usage, or None if it had already been reaped.
+    """
+    if proc.returncode is not None:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        usage = _reap(proc, os.WNOHANG)
+        if proc.returncode is not None:
+            return usage
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    _reap(proc, 0)
+    raise BenchError(f"{what} did not stop in {STOP_TIMEOUT}s after SIGINT")
 
 
 class Tracer:
@@ -148,7 +181,7 @@ class Tracer:
     def kernel(self, result: RunResult) -> None:
         """Fill in-kernel statistics, read while the tracer still runs."""
 
-    def stop(self, result: RunResult) -> None:
+    def stop(self, result: RunResult) -> resource.struct_rusage | None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -186,9 +219,9 @@ class ClovisorTracer(Tracer):
             if result.server_requests:
                 result.kernel_runs_per_req = runs / result.server_requests
 
-    def stop(self, result: RunResult) -> None:
+    def stop(self, result: RunResult) -> resource.struct_rusage | None:
         assert self.proc is not None
-        _stop(self.proc, "clovisor trace")
+        usage = _stop(self.proc, "clovisor trace")
         err = self.err.read_text(errors="replace")
         m = TOTALS_RE.search(err)
         if m is None:
@@ -202,6 +235,7 @@ class ClovisorTracer(Tracer):
         if self.out.exists():
             result.output_bytes = self.out.stat().st_size
             self.out.unlink()
+        return usage
 
 
 class TsharkTracer(Tracer):
@@ -219,9 +253,9 @@ class TsharkTracer(Tracer):
                                    stderr=self.err.open("wb"))
         _wait_for_line(self.proc, self.err, "Capturing on", "tshark")
 
-    def stop(self, result: RunResult) -> None:
+    def stop(self, result: RunResult) -> resource.struct_rusage | None:
         assert self.proc is not None
-        _stop(self.proc, "tshark")
+        usage = _stop(self.proc, "tshark")
         decoded = 0
         with self.out.open("rb") as f:
             for line in f:
@@ -234,6 +268,7 @@ class TsharkTracer(Tracer):
         result.events_lost = sum(int(d) for d in dropped)
         result.output_bytes = self.out.stat().st_size
         self.out.unlink()
+        return usage
 
 
 def _settle(sample: Callable[[], float], quiet_cpu_s: float = 0.02,
@@ -286,7 +321,10 @@ def run_one(env: Env, workload: Workload, scenario: str) -> RunResult:
                 tracer = TsharkTracer(env)
             before_cpu = tracer.sample().cpu_s if tracer else 0.0
             before_req = env.server_requests()
+            load = loadavg()
+            jiffies = cpu_jiffies()
             client, wall = run_client(env, workload)
+            busy = busy_cores(jiffies, cpu_jiffies())
             settle, after = 0.0, None
             if tracer is not None:
                 settle = _settle(lambda: tracer.sample().cpu_s)
@@ -301,15 +339,28 @@ def run_one(env: Env, workload: Workload, scenario: str) -> RunResult:
                 latency_resolution_ms=client.latency_resolution_ms,
                 # stub_status counts its own request in each answer
                 server_requests=after_req - before_req - 1,
+                machine_busy_cores=busy, loadavg_before=load,
             )
             if tracer is not None and after is not None:
                 tracer.kernel(result)
-                tracer.stop(result)
-                cpu = after.cpu_s - before_cpu
+                usage = tracer.stop(result)
+                # CPU until the tracer went quiet; if it never did (a backlog
+                # past SETTLE_CAP), its lifetime CPU from wait4 (which covers
+                # the rest of the drain, and dumpcap for tshark) minus start-up.
+                settled = after.cpu_s - before_cpu
+                cpu = settled
+                peak_kib = after.hwm_kib
+                if usage is not None:
+                    lifetime = usage.ru_utime + usage.ru_stime - before_cpu
+                    result.cpu_s_lifetime = lifetime
+                    if settle >= SETTLE_CAP:
+                        cpu = max(settled, lifetime)
+                    peak_kib = max(peak_kib, usage.ru_maxrss)
                 result.cpu_s = cpu
+                result.cpu_s_at_settle = settled
                 result.settle_s = settle
                 result.tracer_pids = after.pids
-                result.peak_rss_mib = after.hwm_kib / 1024
+                result.peak_rss_mib = peak_kib / 1024
                 if client.requests:
                     result.cpu_s_per_1k_req = cpu / client.requests * 1e3
                     result.cpu_us_per_req = cpu / client.requests * 1e6

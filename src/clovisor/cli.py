@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 30)")
     t.add_argument("--attach-mode", choices=("auto", "tcx", "clsact"), default="auto",
                    help="TCX links (kernel >= 6.6) or the clsact fallback (default auto)")
+    _add_telemetry_flags(t)
 
     sub.add_parser("doctor", help="check the kernel and privileges")
     c = sub.add_parser("cleanup", help="remove hooks a killed clovisor left (clsact mode)")
@@ -112,6 +113,52 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--requests", type=_positive_int, default=40, metavar="N",
                    help="how many client requests to send (default 40)")
     return p
+
+
+def _add_telemetry_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``trace`` and ``agent``: metrics, routes, sampling, redaction."""
+    from .metrics import parse_listen_address
+    from .routes import parse_route
+
+    p.add_argument("--metrics", type=_spec(parse_listen_address), metavar="HOST:PORT",
+                   help="serve Prometheus /metrics, /healthz and /readyz here")
+    p.add_argument("--route", action="append", default=[], type=_spec(parse_route),
+                   metavar="PATTERN", help="http_route pattern such as /users/{id} (repeatable)")
+    p.add_argument("--sampler", metavar="NAME",
+                   help="OTel sampler name (default parentbased_always_on, or OTEL_TRACES_SAMPLER)")
+    p.add_argument("--sampler-arg", metavar="RATIO", help="argument of a *traceidratio sampler")
+    p.add_argument("--sample-ratio", metavar="RATIO",
+                   help="short for --sampler parentbased_traceidratio --sampler-arg RATIO")
+    p.add_argument("--redact-query", choices=("credentials", "all"), default="credentials",
+                   help="replace credential query values (default) or every value by REDACTED")
+
+
+class Telemetry:
+    """Metrics, health and sampling as the flags ask; closed when the command ends."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from .health import Health, serve
+        from .metrics import Metrics
+        from .routes import RouteFolder
+        from .sampling import sampler_from_flags
+
+        try:
+            self.sampler = sampler_from_flags(args.sampler, args.sampler_arg, args.sample_ratio)
+        except SpecError as exc:
+            raise UsageError(str(exc)) from None
+        self.metrics = Metrics(RouteFolder(args.route))
+        self.health = Health()
+        self.server = None
+        if args.metrics is not None:
+            host, port = args.metrics
+            try:
+                self.server = serve(host, port, metrics=self.metrics, health=self.health)
+            except OSError as exc:
+                raise UsageError(f"--metrics {host}:{port}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,6 +235,7 @@ def _trace(args: argparse.Namespace) -> int:
         capture_bytes=args.capture_bytes,
         attach_mode=args.attach_mode,
         limits=Limits(idle_timeout_ns=int(args.idle_timeout * 1e9)),
+        redact_all_query=args.redact_query == "all",
     )
     exporters: list[Exporter] = []
     try:
@@ -196,7 +244,22 @@ def _trace(args: argparse.Namespace) -> int:
         for e in exporters:
             e.shutdown()
         raise UsageError(str(exc)) from None
-    tracer = Tracer(settings, exporters)
+    try:
+        telemetry = Telemetry(args)
+    except UsageError:
+        for e in exporters:
+            e.shutdown()
+        raise
+    tracer = Tracer(
+        settings,
+        exporters,
+        observers=[lambda s: telemetry.metrics.observe_sessions(s, tracer.service_name)],
+        span_filter=telemetry.sampler.filter,
+        beat=telemetry.health.beat,
+    )
+    telemetry.metrics.register_health(
+        lambda: {**tracer.health_stats(), "spans_sampled_out": telemetry.sampler.sampled_out}
+    )
     tracer.count = args.count
     stop = threading.Event()
 
@@ -211,7 +274,9 @@ def _trace(args: argparse.Namespace) -> int:
                 tracer.set_interface(target)
         except (KernelError, SpecError) as exc:
             tracer.stop()
+            telemetry.close()
             raise UsageError(f"cannot start tracing: {exc}") from None
+        telemetry.health.set_ready(True)
         print(
             f"clovisor: tracing {', '.join(ifnames)} "
             f"({', '.join(a.mode for a in tracer.attachments)}); Ctrl-C to stop",
@@ -223,7 +288,9 @@ def _trace(args: argparse.Namespace) -> int:
                 break
             stop.wait(0.1)
     finally:
+        telemetry.health.set_ready(False)
         totals = tracer.stop()
+        telemetry.close()
         for s, h in old.items():
             signal.signal(s, h)
     print(f"clovisor: {totals}", file=sys.stderr)

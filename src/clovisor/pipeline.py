@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from .clock import MonotonicToWall
 from .core.events import Segment, Session
-from .core.tracker import Limits, Tracker
+from .core.tracker import Limits, ParserLookup, Tracker
 from .export import Exporter
 from .export.ids import FastIdGenerator
 from .export.spans import session_to_span
@@ -50,6 +50,7 @@ class TracerSettings:
     ring_bytes: int = 4 << 20
     limits: Limits = field(default_factory=Limits)
     bpf_object: Path | None = None
+    redact_all_query: bool = False  # --redact-query all
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,7 +64,8 @@ class InterfaceTarget:
 
 
 SessionObserver = Callable[[list[Session]], None]
-SpanFilter = Callable[[ReadableSpan], bool]
+SpanFilter = Callable[[Sequence[ReadableSpan]], Sequence[ReadableSpan]]  # e.g. Sampler.filter
+Beat = Callable[[str], None]  # Health.beat: a loop made progress
 
 
 @dataclass(slots=True)
@@ -114,15 +116,17 @@ class Tracer:
         *,
         observers: Sequence[SessionObserver] = (),
         span_filter: SpanFilter | None = None,
+        beat: Beat | None = None,
+        parsers: ParserLookup | None = None,
     ) -> None:
         self.settings = settings
         self._exporters: tuple[Exporter, ...] = tuple(exporters)
         self._exporters_lock = threading.Lock()
         self._observers = tuple(observers)
         self._span_filter = span_filter
-        self.tracker = Tracker(settings.limits)
+        self._beat = beat or (lambda _loop: None)
+        self.tracker = Tracker(settings.limits, parsers)
         self.sessions = 0  # sessions handed to the exporters
-        self.sampled_out = 0
         self.export_failures = 0
         self.done = threading.Event()  # set when ``count`` sessions were exported
         self.count: int | None = None
@@ -143,7 +147,6 @@ class Tracer:
         self._last_advance = 0
         self._stopped = False
         self._final: Totals | None = None
-        self.heartbeat = time.monotonic()  # the stages' last sign of life (liveness)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -275,7 +278,7 @@ class Tracer:
         try:
             while not self._stop.is_set():
                 segs = reader.poll(_POLL_MS)
-                self.heartbeat = time.monotonic()
+                self._beat("ring")
                 out.put(Batch(segs, time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
             # The hooks are gone: what is left in the ring is all there will be.
             segs = reader.poll(0)
@@ -286,6 +289,7 @@ class Tracer:
             out.close()
 
     def _track(self, batch: Batch) -> list[list[ReadableSpan]]:
+        self._beat("tracker")
         tracker = self.tracker
         sessions = tracker.feed_many(batch.segments) if batch.segments else []
         if batch.now_ns - self._last_advance >= _ADVANCE_NS:
@@ -307,22 +311,51 @@ class Tracer:
                 log.exception("session observer failed")
         to_wall, ids, names = self._clock.to_wall, self._ids, self._names
         res, default = self._resources, self._default_resource
-        spans = [
+        redact_all = self.settings.redact_all_query
+        spans: Sequence[ReadableSpan] = [
             session_to_span(
                 s,
                 resource=res.get(s.ifindex, default),
                 to_wall=to_wall,
                 ids=ids,
                 interface_names=names,
+                redact_all_query=redact_all,
             )
             for s in sessions
         ]
-        keep = self._span_filter
-        if keep is not None:
-            before = len(spans)
-            spans = [sp for sp in spans if keep(sp)]
-            self.sampled_out += before - len(spans)
-        return [spans] if spans else []
+        if self._span_filter is not None:
+            spans = self._span_filter(spans)
+        return [list(spans)] if spans else []
+
+    def service_name(self, session: Session) -> str:
+        """The ``service.name`` of the interface a session was seen on."""
+        resource = self._resources.get(session.ifindex, self._default_resource)
+        return str(resource.attributes.get("service.name", ""))
+
+    def health_stats(self) -> dict[str, int]:
+        """Live counters for the health metrics (read at scrape time)."""
+        t = self.totals()
+        stats = self.tracker.stats
+        out = {
+            "segments": t.segments,
+            "events_lost": t.events_lost,
+            "parse_errors": t.parse_errors,
+            "malformed_records": t.malformed_records,
+            "sessions": t.sessions,
+            "connections_evicted": stats.evicted,
+            "tracked_connections": len(self.tracker),
+            "buffered_bytes": stats.buffered_bytes,
+        }
+        with self._exporters_lock:
+            exporters = self._exporters
+        for e in exporters:
+            es = getattr(e, "stats", None)
+            if callable(es):
+                for k, v in es().items():
+                    if k in ("spans_exported", "spans_failed", "spans_dropped", "queue_size"):
+                        key = "export_queue_size" if k == "queue_size" else k
+                        out[key] = out.get(key, 0) + int(v)
+        return out
 
     def _export(self, spans: list[ReadableSpan]) -> list[None]:
         if self.count is not None:

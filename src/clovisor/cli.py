@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--egress", action="append", default=[], type=_spec(parse_egress),
                    metavar="IP:PORT", help="trace requests to IP:PORT as CLIENT (0:PORT = any IP)")
     t.add_argument("--output", action="append", type=_spec(parse_output), metavar="SPEC",
-                   help="console (default) or otlp-json:PATH ('-' = stdout); repeatable")
+                   help="console (default), otlp-json:PATH ('-' = stdout), otlp:grpc://HOST:PORT, "
+                        "otlp:http://HOST:PORT, or otlp (from OTEL_EXPORTER_OTLP_*); repeatable")
     t.add_argument("--service", metavar="NAME", help="service.name (default: interface name)")
     t.add_argument("--resource-attr", action="append", default=[], metavar="KEY=VALUE",
                    type=_spec(parse_resource_attr), help="extra resource attribute")
@@ -309,7 +310,11 @@ def _exporter(spec: OutputSpec) -> Exporter:
 
     if spec.kind == "console":
         return ConsoleExporter(sys.stdout)
-    return OtlpJsonExporter(spec.target)
+    if spec.kind == "otlp-json":
+        return OtlpJsonExporter(spec.target)
+    from .export.otlp import OtlpExporter, resolve_config
+
+    return OtlpExporter(resolve_config(spec.kind, spec.target))
 
 
 def _doctor() -> int:

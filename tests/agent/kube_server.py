@@ -282,9 +282,10 @@ class Request:
 class _Event:
     rv: int
     resource: str
-    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK
+    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK, RAW
     old: Obj | None = None
     new: Obj | None = None
+    raw: bytes = b""
 
 
 @dataclass(slots=True)
@@ -293,6 +294,7 @@ class _Failure:
     resource: str | None
     watch: bool | None
     message: str
+    when: Callable[[Request], bool] | None
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -533,11 +535,21 @@ class KubeServer:
         *,
         resource: str | None = None,
         watch: bool | None = None,
+        when: Callable[[Request], bool] | None = None,
         message: str = "injected failure",
     ) -> None:
         """Answer the next ``count`` matching requests with HTTP ``code`` and a Status body."""
         with self._cond:
-            self._failures.extend(_Failure(code, resource, watch, message) for _ in range(count))
+            self._failures.extend(
+                _Failure(code, resource, watch, message, when) for _ in range(count)
+            )
+
+    def send_raw(self, resource: str, line: str | bytes) -> None:
+        """Put ``line`` as it is into the watch streams of ``resource`` (garbage, odd events)."""
+        raw = line.encode() if isinstance(line, str) else line
+        with self._cond:
+            self._append(_Event(self._rv, resource, "RAW", raw=raw))
+            self._cond.notify_all()
 
     @property
     def requests(self) -> list[Request]:
@@ -642,6 +654,7 @@ class KubeServer:
                     for f in self._failures
                     if (f.resource is None or f.resource == req.resource)
                     and (f.watch is None or f.watch == req.watch)
+                    and (f.when is None or f.when(req))
                 ),
                 None,
             )
@@ -731,10 +744,14 @@ class KubeServer:
         }
         self._send_json(h, 200, body)
 
-    def _view(self, ev: _Event, resource: str, match: _Selector, bookmarks: bool) -> Obj | None:
+    def _view(
+        self, ev: _Event, resource: str, match: _Selector, bookmarks: bool
+    ) -> Obj | bytes | None:
         """The event as this watch sees it (None: not for it)."""
         if ev.resource != resource:
             return None
+        if ev.type == "RAW":
+            return ev.raw
         if ev.type == "BOOKMARK":
             if not bookmarks:
                 return None
@@ -797,9 +814,11 @@ class KubeServer:
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
 
-        def send(events: list[Obj]) -> None:
+        def send(events: Sequence[Obj | bytes]) -> None:
             if events:
-                data = b"".join(json.dumps(e).encode() + b"\n" for e in events)
+                data = b"".join(
+                    (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n" for e in events
+                )
                 h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
         with self._cond:

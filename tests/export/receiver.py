@@ -64,9 +64,11 @@ class Received:
 class Receiver:
     """What both transports share: recording, failure switches, waiting."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", *, keep: bool = True) -> None:
         self.host = host
         self.port = 0
+        self._keep = keep  # False: count spans only (benchmarks)
+        self._span_total = 0
         self._cond = threading.Condition()
         self._received: list[Received] = []
         self.attempts = 0  # requests seen, answered or not
@@ -116,17 +118,11 @@ class Receiver:
 
     def span_count(self) -> int:
         with self._cond:
-            return sum(_count(r.request) for r in self._received)
+            return self._span_total
 
     def wait_for_spans(self, n: int, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while sum(_count(r.request) for r in self._received) < n:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return True
+            return self._cond.wait_for(lambda: self._span_total >= n, timeout)
 
     def wait_for_attempts(self, n: int, timeout: float = 10.0) -> bool:
         with self._cond:
@@ -147,10 +143,13 @@ class Receiver:
             return mode, self._retry_after
 
     def _record(self, request: ExportTraceServiceRequest, headers: dict[str, str]) -> int:
+        n = _count(request)
         with self._cond:
-            self._received.append(Received(request, headers, time.monotonic()))
+            if self._keep:
+                self._received.append(Received(request, headers, time.monotonic()))
+            self._span_total += n
             self._cond.notify_all()
-            return min(self._reject, _count(request))
+            return min(self._reject, n)
 
     def _hang(self) -> None:
         self._release.wait(30.0)
@@ -220,8 +219,8 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
 class GrpcReceiver(Receiver):
     """An OTLP/gRPC receiver (``TraceService/Export``), started at construction."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        super().__init__(host)
+    def __init__(self, host: str = "127.0.0.1", *, keep: bool = True) -> None:
+        super().__init__(host, keep=keep)
         self._server: Any = None
         self.start()
 
@@ -327,8 +326,10 @@ class _HttpServer(http.server.ThreadingHTTPServer):
 class HttpReceiver(Receiver):
     """An OTLP/HTTP receiver (``POST /v1/traces``, protobuf), started at construction."""
 
-    def __init__(self, host: str = "127.0.0.1", path: str = "/v1/traces") -> None:
-        super().__init__(host)
+    def __init__(
+        self, host: str = "127.0.0.1", path: str = "/v1/traces", *, keep: bool = True
+    ) -> None:
+        super().__init__(host, keep=keep)
         self.path = path
         self._server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
@@ -381,3 +382,26 @@ def receivers() -> Iterator[type[Receiver]]:
     """Both receiver classes, for parametrised tests."""
     yield GrpcReceiver
     yield HttpReceiver
+
+
+def main() -> None:
+    """``python -m tests.export.receiver grpc|http``: a receiver in its own process.
+
+    Prints the endpoint on the first line, then, for every line read from
+    stdin, the number of spans received so far; exits at end of input. The
+    benchmark uses it so that decoding on the receiving side does not share
+    a core (and a GIL) with the exporter it measures.
+    """
+    import sys
+
+    kind = sys.argv[1] if len(sys.argv) > 1 else "grpc"
+    r: Receiver = GrpcReceiver(keep=False) if kind == "grpc" else HttpReceiver(keep=False)
+    with r:
+        endpoint = r.endpoint if kind == "grpc" else r.endpoint + "/v1/traces"
+        print(endpoint, flush=True)
+        for _ in sys.stdin:
+            print(r.span_count(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -446,7 +446,9 @@ class _Reflector:
             try:
                 if self.resource_version is None:
                     self._list()
-                    self._ok()
+                    # Not yet healthy: only a working watch resets the backoff,
+                    # or a server that 410s every watch would get a list per loop.
+                    self._ok(reset_backoff=False)
                 self._watch()
             except _Stopped:
                 break

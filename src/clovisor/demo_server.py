@@ -16,6 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "clovisor-demo/1"
+    # Head and body go out in separate writes: with Nagle on, the body waits
+    # for the client's delayed ACK (40 ms), which the spans would faithfully show.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:
         return None

@@ -94,6 +94,10 @@ def test_readiness(server: StatusServer, health: Health) -> None:
     assert get(server, "/readyz") == (200, "text/plain; charset=utf-8", "ok\n")
     health.set_ready(False)  # shutting down
     assert get(server, "/readyz")[0] == 503
+    health.set_ready(False, "waiting for the Kubernetes API")  # the agent says why
+    assert get(server, "/readyz")[1:] == (
+        "text/plain; charset=utf-8", "waiting for the Kubernetes API\n")
+    assert get(server, "/readyz")[0] == 503
 
 
 def test_head_and_unknown_paths(server: StatusServer) -> None:

@@ -52,6 +52,7 @@ class Health:
         self._clock = clock
         self._beats: dict[str, float] = {}
         self._ready = False
+        self._not_ready = "not tracing"
 
     def beat(self, loop: str = "main") -> None:
         """Record that ``loop`` is making progress (call it once per iteration)."""
@@ -61,8 +62,10 @@ class Health:
         """Stop watching ``loop`` (it ended on purpose)."""
         self._beats.pop(loop, None)
 
-    def set_ready(self, ready: bool) -> None:
+    def set_ready(self, ready: bool, reason: str = "not tracing") -> None:
+        """``reason``: what /readyz answers while not ready (one line)."""
         self._ready = ready
+        self._not_ready = reason
 
     def liveness(self) -> tuple[bool, str]:
         now = self._clock()
@@ -72,7 +75,7 @@ class Health:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
-        return (True, "ok") if self._ready else (False, "not tracing")
+        return (True, "ok") if self._ready else (False, self._not_ready)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -264,11 +264,19 @@ class Tracer:
 
     def set_exporters(self, exporters: Sequence[Exporter]) -> None:
         """Replace the exporters; the old ones are flushed and shut down."""
+        for e in self.swap_exporters(exporters):
+            self._shutdown_one(e)
+
+    def swap_exporters(self, exporters: Sequence[Exporter]) -> tuple[Exporter, ...]:
+        """Replace the exporters and hand back the old ones, still running.
+
+        For a caller that must not wait for a flush to an endpoint that may
+        be gone (the agent, when Redis names a new Jaeger): it shuts them
+        down where waiting costs nothing.
+        """
         with self._exporters_lock:
             old, self._exporters = self._exporters, tuple(exporters)
-        for e in old:
-            if e not in self._exporters:
-                self._shutdown_one(e)
+        return tuple(e for e in old if e not in self._exporters)
 
     # -- stages ---------------------------------------------------------------------
 

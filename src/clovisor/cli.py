@@ -1,4 +1,4 @@
-"""``clovisor``: trace, doctor, cleanup, demo.
+"""``clovisor``: trace, agent, doctor, cleanup, demo.
 
 Bad input (flags, specs, a missing interface, missing privileges, an
 unwritable output) ends with one line on stderr and exit code 2; nothing
@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .export import Exporter
@@ -27,7 +27,12 @@ from .specs import (
     parse_resource_attr,
 )
 
+if TYPE_CHECKING:
+    from .pipeline import TracerSettings
+
 EXIT_USAGE = 2
+_REDIS_DEFAULT = "redis.clovisor:6379"
+_JAEGER_DEFAULT = "jaeger-collector.clovisor:4317"
 
 log = logging.getLogger("clovisor")
 
@@ -71,9 +76,6 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .kernel.abi import CLV_CAPTURE_MAX
-    from .pipeline import DEFAULT_CAPTURE_BYTES
-
     p = _Parser(prog="clovisor", description="eBPF tracer: one span per HTTP/1.x exchange")
     p.add_argument("--version", action="version", version=f"clovisor {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -93,18 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--service", metavar="NAME", help="service.name (default: interface name)")
     t.add_argument("--resource-attr", action="append", default=[], metavar="KEY=VALUE",
                    type=_spec(parse_resource_attr), help="extra resource attribute")
-    t.add_argument("--capture-bytes", type=int, default=DEFAULT_CAPTURE_BYTES, metavar="N",
-                   help=f"payload prefix copied per segment (default {DEFAULT_CAPTURE_BYTES}, "
-                        f"max {CLV_CAPTURE_MAX})")
     t.add_argument("--duration", type=_positive_float, metavar="SECONDS",
                    help="stop after this long")
     t.add_argument("--count", type=_positive_int, metavar="N", help="stop after N sessions")
-    t.add_argument("--idle-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
-                   help="a request without response for this long becomes an error span "
-                        "(default 30)")
-    t.add_argument("--attach-mode", choices=("auto", "tcx", "clsact"), default="auto",
-                   help="TCX links (kernel >= 6.6) or the clsact fallback (default auto)")
+    _add_tracer_flags(t)
     _add_telemetry_flags(t)
+
+    a = sub.add_parser("agent", help="the Kubernetes DaemonSet agent: trace this node's pods",
+                       description="Trace the pods of this node that Redis key clovisor_labels "
+                                   "selects; run it in the node's network namespace.")
+    a.add_argument("--node", metavar="NAME",
+                   help="this node's name (default $MY_NODE_NAME, from spec.nodeName)")
+    a.add_argument("--kubeconfig", metavar="PATH",
+                   help="Kubernetes credentials (default $KUBECONFIG, then the pod's service "
+                        "account, then ~/.kube/config)")
+    a.add_argument("--redis", metavar="HOST:PORT",
+                   help=f"Redis holding the configuration (default $CLOVISOR_REDIS or "
+                        f"{_REDIS_DEFAULT}); a redis://, rediss:// or unix:// URL too")
+    a.add_argument("--jaeger", metavar="HOST[:PORT]",
+                   help=f"OTLP gRPC endpoint while Redis key clovisor_jaeger_server is unset "
+                        f"(default $CLOVISOR_JAEGER or {_JAEGER_DEFAULT})")
+    _add_tracer_flags(a)
+    _add_telemetry_flags(a)
 
     sub.add_parser("doctor", help="check the kernel and privileges")
     c = sub.add_parser("cleanup", help="remove hooks a killed clovisor left (clsact mode)")
@@ -114,6 +126,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--requests", type=_positive_int, default=40, metavar="N",
                    help="how many client requests to send (default 40)")
     return p
+
+
+def _add_tracer_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``trace`` and ``agent``: how the classifier and the core run."""
+    from .kernel.abi import CLV_CAPTURE_MAX
+    from .pipeline import DEFAULT_CAPTURE_BYTES
+
+    p.add_argument("--capture-bytes", type=int, default=DEFAULT_CAPTURE_BYTES, metavar="N",
+                   help=f"payload prefix copied per segment (default {DEFAULT_CAPTURE_BYTES}, "
+                        f"max {CLV_CAPTURE_MAX})")
+    p.add_argument("--idle-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="a request without response for this long becomes an error span "
+                        "(default 30)")
+    p.add_argument("--attach-mode", choices=("auto", "tcx", "clsact"), default="auto",
+                   help="TCX links (kernel >= 6.6) or the clsact fallback (default auto)")
+
+
+def _tracer_settings(args: argparse.Namespace) -> TracerSettings:
+    from .core.tracker import Limits
+    from .kernel.abi import CLV_CAPTURE_MAX
+    from .pipeline import TracerSettings
+
+    if not 0 < args.capture_bytes <= CLV_CAPTURE_MAX:
+        raise UsageError(f"--capture-bytes must be between 1 and {CLV_CAPTURE_MAX}")
+    return TracerSettings(
+        capture_bytes=args.capture_bytes,
+        attach_mode=args.attach_mode,
+        limits=Limits(idle_timeout_ns=int(args.idle_timeout * 1e9)),
+        redact_all_query=args.redact_query == "all",
+    )
 
 
 def _add_telemetry_flags(p: argparse.ArgumentParser) -> None:
@@ -168,13 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
+    # An agent's log is where an operator looks first: attach, detach and
+    # configuration lines are INFO there.
+    quiet = logging.INFO if args.command == "agent" else logging.WARNING
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
+        level=max(logging.DEBUG, quiet - 10 * args.verbose),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         if args.command == "trace":
             return _trace(args)
+        if args.command == "agent":
+            return _agent(args)
         if args.command == "doctor":
             return _doctor()
         if args.command == "cleanup":
@@ -204,14 +251,11 @@ def _require_root() -> None:
 def _trace(args: argparse.Namespace) -> int:
     from opentelemetry.sdk.resources import Resource
 
-    from .core.tracker import Limits
     from .export import ExporterConfigError
-    from .kernel.abi import CLV_CAPTURE_MAX
     from .kernel.errors import KernelError
-    from .pipeline import InterfaceTarget, Tracer, TracerSettings, resolve_interface
+    from .pipeline import InterfaceTarget, Tracer, resolve_interface
 
-    if not 0 < args.capture_bytes <= CLV_CAPTURE_MAX:
-        raise UsageError(f"--capture-bytes must be between 1 and {CLV_CAPTURE_MAX}")
+    settings = _tracer_settings(args)
     if not args.port and not args.egress:
         raise UsageError("nothing to trace: give --port and/or --egress")
     ifnames = tuple(dict.fromkeys(args.iface))
@@ -232,12 +276,6 @@ def _trace(args: argparse.Namespace) -> int:
         )
         for name in ifnames
     ]
-    settings = TracerSettings(
-        capture_bytes=args.capture_bytes,
-        attach_mode=args.attach_mode,
-        limits=Limits(idle_timeout_ns=int(args.idle_timeout * 1e9)),
-        redact_all_query=args.redact_query == "all",
-    )
     exporters: list[Exporter] = []
     try:
         exporters = [_exporter(o) for o in (args.output or [OutputSpec(kind="console")])]
@@ -295,6 +333,103 @@ def _trace(args: argparse.Namespace) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     print(f"clovisor: {totals}", file=sys.stderr)
+    return 0
+
+
+def _setting(flag: str | None, flag_name: str, env: str, default: str) -> tuple[str, str]:
+    """(value, where it came from): the flag, else the environment, else the default."""
+    if flag is not None:
+        return flag, flag_name
+    value = os.environ.get(env, "").strip()
+    if value:
+        return value, f"{env}={value}"
+    return default, "default"
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from .agent.kube import KubeError, api_client
+    from .agent.redisconf import check_node_name, parse_jaeger, redis_url
+    from .agent.runtime import Agent, AgentSettings
+    from .export import ExporterConfigError
+    from .kernel.errors import KernelError
+
+    tracer_settings = _tracer_settings(args)
+    node, source = _setting(args.node, "--node", "MY_NODE_NAME", "")
+    if not node:
+        raise UsageError("no node name: give --node or set MY_NODE_NAME "
+                         "(the downward API's spec.nodeName)")
+    redis, redis_source = _setting(args.redis, "--redis", "CLOVISOR_REDIS", _REDIS_DEFAULT)
+    jaeger, jaeger_source = _setting(args.jaeger, "--jaeger", "CLOVISOR_JAEGER", _JAEGER_DEFAULT)
+    try:
+        check_node_name(node)
+    except SpecError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+    try:
+        url = redis_url(redis)
+    except SpecError as exc:
+        raise UsageError(f"{redis_source}: {exc}") from None
+    try:
+        default_jaeger = parse_jaeger(jaeger)
+    except SpecError as exc:
+        raise UsageError(f"{jaeger_source}: {exc}") from None
+    try:
+        api = api_client(args.kubeconfig)
+    except KubeError as exc:
+        raise UsageError(str(exc)) from None
+    if os.geteuid() != 0:
+        _require_root()
+    settings = AgentSettings(
+        node_name=node,
+        redis_url=url,
+        default_jaeger=default_jaeger,
+        tracer=tracer_settings,
+    )
+    telemetry = Telemetry(args)
+    try:
+        agent = Agent(
+            settings,
+            api,
+            observers=[lambda s: telemetry.metrics.observe_sessions(s, agent.tracer.service_name)],
+            span_filter=telemetry.sampler.filter,
+            beat=telemetry.health.beat,
+            health=telemetry.health,
+        )
+    except ExporterConfigError as exc:
+        telemetry.close()
+        raise UsageError(str(exc)) from None
+    telemetry.metrics.register_health(
+        lambda: {**agent.tracer.health_stats(), **agent.health_stats(),
+                 "spans_sampled_out": telemetry.sampler.sampled_out}
+    )
+    # The loop runs on its own thread so that the signal handler, which runs
+    # on this one, never waits for a lock the interrupted code holds.
+    outcome: list[BaseException | object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(agent.run())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        agent.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    control = threading.Thread(target=run, name="agent", daemon=True)
+    try:
+        control.start()
+        while control.is_alive():
+            control.join(0.5)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        telemetry.close()
+    result = outcome[0] if outcome else RuntimeError("the agent loop ended without a result")
+    if isinstance(result, KernelError):
+        raise UsageError(f"cannot start tracing: {result}")
+    if isinstance(result, BaseException):
+        raise result
+    print(f"clovisor: {result}", file=sys.stderr)
     return 0
 
 

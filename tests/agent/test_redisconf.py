@@ -170,6 +170,20 @@ def test_jaeger_good(value: str | bytes | None, expected: JaegerEndpoint) -> Non
     assert parse_jaeger(value) == expected
 
 
+def test_jaeger_default_is_the_agents() -> None:
+    # --jaeger stands in for an unset key; a key without a port still means 4317.
+    mine = JaegerEndpoint(host="10.200.0.1", port=14317)
+    assert parse_jaeger(None, mine) == mine
+    assert parse_jaeger(" ", mine) == mine
+    assert parse_jaeger("otel", mine) == JaegerEndpoint(host="otel", port=4317)
+    config, errors = build_config({KEY_JAEGER: b"bad host"}, default_jaeger=mine)
+    assert config.jaeger == mine and errors == [
+        "clovisor_jaeger_server skipped: jaeger server 'bad host': 'bad host' is not a valid "
+        "host name or IP address; using 10.200.0.1:14317"
+    ]
+    assert build_config({}, default_jaeger=mine)[0].jaeger == mine
+
+
 @pytest.mark.parametrize(
     "value",
     [

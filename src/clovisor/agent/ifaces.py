@@ -39,18 +39,23 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
     "HostLink",
     "IfaceError",
+    "InterfaceCache",
     "Runner",
     "host_interface",
     "host_link",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class HostLink(NamedTuple):
@@ -221,3 +226,77 @@ class _Lookup:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(_POLL_INTERVAL)
+
+
+# --- memory across reconcile passes ---------------------------------------------------
+
+
+class InterfaceCache:
+    """:func:`host_link` for the reconciler, which asks about every pod on every pass.
+
+    A veth found once is re-checked with one ``if_nametoindex`` (no process
+    forked): the same name with the same ifindex is the same veth, since a
+    pod's IP cannot move to another live veth.  When it is gone or renumbered
+    (the pod's sandbox was recreated) the lookup runs again.  A miss is
+    retried after ``retry_initial`` seconds, doubling up to ``retry_max``,
+    so a pod that is not behind a veth of this node (Cilium without endpoint
+    routes, say) costs a few lookups a minute, not a few per second.
+    iproute2 failures count as misses and are logged once per streak.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[str], HostLink | None] = host_link,
+        *,
+        index_of: Callable[[str], int] = socket.if_nametoindex,
+        clock: Callable[[], float] = time.monotonic,
+        retry_initial: float = 0.2,
+        retry_max: float = 10.0,
+    ) -> None:
+        self._lookup = lookup
+        self._index_of = index_of
+        self._clock = clock
+        self._retry = (retry_initial, retry_max)
+        self._found: dict[str, HostLink] = {}
+        self._missed: dict[str, tuple[float, float]] = {}  # ip -> (next try, delay)
+        self._failing = False
+
+    def __call__(self, pod_ip: str) -> HostLink | None:
+        link = self._found.get(pod_ip)
+        if link is not None:
+            try:
+                if self._index_of(link.name) == link.ifindex:
+                    return link
+            except OSError:
+                pass
+            del self._found[pod_ip]
+        now = self._clock()
+        missed = self._missed.get(pod_ip)
+        if missed is not None and now < missed[0]:
+            return None
+        try:
+            link = self._lookup(pod_ip)
+            self._failing = False
+        except (IfaceError, ValueError) as exc:
+            if not self._failing:
+                log.warning("cannot look up the interface of pod IP %s: %s", pod_ip, exc)
+            self._failing = True
+            link = None
+        if link is None:
+            delay = self._retry[0] if missed is None else min(self._retry[1], missed[1] * 2)
+            self._missed[pod_ip] = (now + delay, delay)
+            return None
+        self._missed.pop(pod_ip, None)
+        self._found[pod_ip] = link
+        return link
+
+    def retain(self, pod_ips: Iterable[str]) -> None:
+        """Forget every address but these (the pods that are still wanted)."""
+        keep = set(pod_ips)
+        for table in (self._found, self._missed):
+            for ip in [ip for ip in table if ip not in keep]:
+                del table[ip]
+
+    def next_retry(self) -> float | None:
+        """When (``clock()`` time) the earliest pending miss is due again; None if none."""
+        return min((t for t, _ in self._missed.values()), default=None)

@@ -97,7 +97,7 @@ from ..core.events import Outcome, Role, Segment, Session
 from ..core.events import Protocol as WireProtocol
 from ..core.reassembly import Chunk, ReassemblyLimits
 from ..core.sessions import Connection, Endpoints, HttpConnection, Stats, TcpConnection
-from ..specs import SpecError
+from ..specs import PROTOCOLS, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,9 @@ PLUGIN_PACKAGE = "clovisor.parsers"
 ENTRY_POINT_GROUP = "clovisor.parsers"
 FACTORY_ATTRIBUTE = "PARSER"
 BUILTINS = ("http", "tcp")
+# Kernel protocol ids (clv_proto) of plugins: the built-ins own 1 and 2.
+FIRST_PLUGIN_ID = 3
+MAX_PROTOCOL_ID = 255
 
 # Protocol names meet service port names (Istio style ``<proto>[-suffix]``),
 # so no ``-``; lower case like the names they are compared with.
@@ -417,6 +420,8 @@ class ParserRegistry:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self.max_faults = max_faults
+        self._ids: dict[str, int] = {name: int(p) for name, p in PROTOCOLS.items()}
+        self._names_by_id: dict[int, str] = {i: name for name, i in self._ids.items()}
         self.register("http", http_parser, builtin=True)
         self.register("tcp", tcp_parser, builtin=True)
 
@@ -426,6 +431,33 @@ class ParserRegistry:
         """The factory for a protocol, or None if unknown or disabled."""
         entry = self._entries.get(name)
         return None if entry is None else entry.guarded
+
+    def by_id(self, protocol_id: int) -> ParserFactory | None:
+        """The factory for a kernel protocol id (the tracker's parser lookup)."""
+        name = self._names_by_id.get(protocol_id)
+        return None if name is None else self.get(name)
+
+    def name_of(self, protocol_id: int) -> str | None:
+        """The protocol a kernel id was given to (see :meth:`kernel_id`)."""
+        return self._names_by_id.get(protocol_id)
+
+    def kernel_id(self, name: str) -> int | None:
+        """The id the classifier tags ``name``'s ports with; None when all are taken.
+
+        Given on first use and kept for the agent's lifetime, even when the
+        plugin is removed: a port entry or a connection still carrying an old
+        id must never reach another protocol's parser (an unknown id gets
+        connection-level sessions).
+        """
+        with self._lock:
+            pid = self._ids.get(name)
+            if pid is None:
+                pid = FIRST_PLUGIN_ID + len(self._ids) - len(PROTOCOLS)
+                if pid > MAX_PROTOCOL_ID:
+                    return None
+                self._ids[name] = pid
+                self._names_by_id[pid] = name
+            return pid
 
     def names(self) -> tuple[str, ...]:
         """Every protocol name known, enabled or not."""

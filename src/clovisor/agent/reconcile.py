@@ -17,11 +17,18 @@ from opentelemetry.sdk.resources import Resource
 from ..kernel.errors import KernelError
 from ..pipeline import InterfaceTarget, Tracer
 from ..specs import PROTOCOLS, EgressSpec, PortSpec, SpecError
+from .ifaces import HostLink
 from .model import Target
 
 log = logging.getLogger(__name__)
 
-Resolver = Callable[[str], str | None]  # pod IP -> host-side interface name, or None
+Resolver = Callable[[str], HostLink | None]  # pod IP -> host-side interface, or None
+ProtocolId = Callable[[str], int | None]  # protocol name -> kernel id, or None
+
+
+def _builtin_id(name: str) -> int | None:
+    proto = PROTOCOLS.get(name)
+    return None if proto is None else int(proto)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,13 +44,15 @@ class ReconcileResult:
         return bool(self.attached or self.updated or self.detached)
 
 
-def interface_target(ifname: str, target: Target) -> InterfaceTarget:
+def interface_target(
+    ifname: str, target: Target, protocol_id: ProtocolId = _builtin_id
+) -> InterfaceTarget:
     """The tracer's view of one pod: its interface, ports, rules and resource."""
     ports = []
     for p in target.ports:
-        proto = PROTOCOLS.get(p.protocol)
+        proto = protocol_id(p.protocol)
         if proto is None:
-            log.warning("pod %s port %d: protocol %r has no kernel id yet; skipped",
+            log.warning("pod %s port %d: protocol %r has no kernel id; skipped",
                         target.pod_key, p.port, p.protocol)
             continue
         ports.append(PortSpec(port=p.port, protocol=proto))
@@ -53,30 +62,47 @@ def interface_target(ifname: str, target: Target) -> InterfaceTarget:
 
 
 class Reconciler:
-    def __init__(self, tracer: Tracer, resolve: Resolver) -> None:
+    """Desired targets (by pod) -> the tracer's interfaces (by host veth).
+
+    An interface is (re)applied when what to trace on it changed or when its
+    ifindex did: a pod sandbox recreated behind a veth of the same name
+    (Calico names veths after the pod) is a new interface whose hooks died
+    with the old one.
+    """
+
+    def __init__(
+        self, tracer: Tracer, resolve: Resolver, protocol_id: ProtocolId = _builtin_id
+    ) -> None:
         self._tracer = tracer
         self._resolve = resolve
-        self._applied: dict[str, InterfaceTarget] = {}  # by interface name
+        self._protocol_id = protocol_id
+        self._applied: dict[str, tuple[InterfaceTarget, int]] = {}  # by interface name
         self._owner: dict[str, str] = {}  # interface -> pod key
 
     @property
     def applied(self) -> Mapping[str, InterfaceTarget]:
-        return dict(self._applied)
+        return {name: it for name, (it, _) in self._applied.items()}
 
     def owner(self, ifname: str) -> str | None:
         return self._owner.get(ifname)
 
     def apply(self, targets: Mapping[str, Target]) -> ReconcileResult:
-        want: dict[str, InterfaceTarget] = {}
+        want: dict[str, tuple[InterfaceTarget, int]] = {}
         owner: dict[str, str] = {}
         unresolved: list[str] = []
         for key, target in sorted(targets.items()):
-            ifname = self._resolve(target.pod_ip)
-            if ifname is None:
+            link = self._resolve(target.pod_ip)
+            if link is None:
                 unresolved.append(key)
                 continue
-            want[ifname] = interface_target(ifname, target)
-            owner[ifname] = key
+            if link.name in owner:
+                # Two pods behind one veth: a CNI we do not understand. Trace the first.
+                log.warning("pods %s and %s both resolve to %s; tracing %s only",
+                            owner[link.name], key, link.name, owner[link.name])
+                continue
+            want[link.name] = (interface_target(link.name, target, self._protocol_id),
+                               link.ifindex)
+            owner[link.name] = key
         attached: list[str] = []
         updated: list[str] = []
         detached: list[str] = []
@@ -86,18 +112,20 @@ class Reconciler:
             del self._applied[ifname]
             self._owner.pop(ifname, None)
             detached.append(ifname)
-        for ifname, it in want.items():
-            if self._applied.get(ifname) == it:
+        for ifname, wanted in want.items():
+            old = self._applied.get(ifname)
+            if old == wanted:
                 continue
             try:
-                self._tracer.set_interface(it)
+                # Tracer.set_interface re-attaches by itself when the ifindex changed.
+                self._tracer.set_interface(wanted[0])
             except (KernelError, SpecError) as exc:
                 # The interface vanished or the kernel refused: try again next round.
                 log.warning("pod %s on %s: %s", owner[ifname], ifname, exc)
                 failed.append(ifname)
                 continue
-            (updated if ifname in self._applied else attached).append(ifname)
-            self._applied[ifname] = it
+            (updated if old is not None else attached).append(ifname)
+            self._applied[ifname] = wanted
             self._owner[ifname] = owner[ifname]
         return ReconcileResult(
             attached=tuple(attached),

@@ -118,6 +118,13 @@ def check_namespace(text: str) -> str:
     return text
 
 
+def check_node_name(text: str) -> str:
+    """A Kubernetes node name (a DNS-1123 subdomain): ``--node`` / ``MY_NODE_NAME``."""
+    if not text or len(text) > 253 or not _DNS_SUBDOMAIN.fullmatch(text):
+        raise SpecError(f"node name {text!r} is not a valid DNS-1123 subdomain")
+    return text
+
+
 def check_label_key(text: str) -> str:
     """A Kubernetes label key: ``[prefix/]name``, the prefix a DNS subdomain."""
     prefix, slash, name = text.rpartition("/")
@@ -230,12 +237,13 @@ def check_hostname(text: str) -> str:
     return text
 
 
-def parse_jaeger(value: Raw | None) -> JaegerEndpoint:
-    """``host[:port]`` (``[v6]:port``); None or empty: the default endpoint.
+def parse_jaeger(value: Raw | None, default: JaegerEndpoint | None = None) -> JaegerEndpoint:
+    """``host[:port]`` (``[v6]:port``, port 4317 when not given); None or
+    empty: ``default`` (``jaeger-collector.clovisor:4317`` unless given).
 
     Raises :class:`SpecError` naming the value if it does not parse.
     """
-    default = JaegerEndpoint()
+    default = default or JaegerEndpoint()
     if value is None:
         return default
     text = _text(value)
@@ -271,7 +279,7 @@ def parse_jaeger(value: Raw | None) -> JaegerEndpoint:
             raise SpecError(f"jaeger server {text!r}: empty port")
     try:
         check_hostname(host)
-        port = _port(port_s) if port_s else default.port
+        port = _port(port_s) if port_s else JaegerEndpoint().port
     except SpecError as exc:
         raise SpecError(f"jaeger server {text!r}: {exc}") from None
     return JaegerEndpoint(host=host, port=port)
@@ -338,12 +346,14 @@ def build_config(
     lengths: Mapping[str, int] | None = None,
     *,
     max_entries: int = MAX_ENTRIES,
+    default_jaeger: JaegerEndpoint | None = None,
 ) -> tuple[AgentConfig, list[str]]:
     """One read of the keys -> (configuration, one line per problem).
 
     ``values`` maps each key to what Redis returned (None: missing,
     :class:`WrongType`: another type); ``lengths`` gives the real size of
-    lists and hashes that were read only up to ``max_entries``.
+    lists and hashes that were read only up to ``max_entries``;
+    ``default_jaeger`` is the endpoint while the key is unset or unusable.
     """
     errors: list[str] = []
     lengths = lengths or {}
@@ -375,7 +385,7 @@ def build_config(
         egress += rules
         errors += errs
 
-    jaeger = JaegerEndpoint()
+    jaeger = default_jaeger or JaegerEndpoint()
     jaeger_raw = values.get(KEY_JAEGER)
     if isinstance(jaeger_raw, WrongType | list | dict):
         errors.append(f"{KEY_JAEGER} is not a Redis string; using {jaeger}")
@@ -386,7 +396,7 @@ def build_config(
             )
         else:
             try:
-                jaeger = parse_jaeger(jaeger_raw)
+                jaeger = parse_jaeger(jaeger_raw, jaeger)
             except SpecError as exc:
                 errors.append(f"{KEY_JAEGER} skipped: {exc}; using {jaeger}")
 
@@ -479,6 +489,8 @@ class RedisConfigSource:
     the outage once. ``on_plugin_message(name)`` is called for each valid
     protocol name published on ``clovisor_proto_plugin_cfg_chan`` (several
     messages naming the same protocol at once make one call).
+    ``default_jaeger`` stands in while ``clovisor_jaeger_server`` is unset,
+    unusable or unreadable (the agent's ``--jaeger``).
 
     Callback exceptions are logged; they never stop the source.
     """
@@ -494,8 +506,10 @@ class RedisConfigSource:
         max_backoff: float = 10.0,
         timeout: float = 2.0,
         health_check_interval: int = 30,
+        default_jaeger: JaegerEndpoint | None = None,
     ) -> None:
         self.url = redis_url(url)
+        self.default_jaeger = default_jaeger or JaegerEndpoint()
         self.display = display_url(self.url)
         self._on_change = on_change
         self._on_plugin_message = on_plugin_message
@@ -518,7 +532,7 @@ class RedisConfigSource:
         self._pubsub: redis.client.PubSub | None = None
         self._subscribe_denied = False
         self._lock = threading.Lock()
-        self._config = AgentConfig()
+        self._config = AgentConfig(jaeger=self.default_jaeger)
         self._applied = False
         self._connected = False
         self._ever_connected = False
@@ -661,7 +675,9 @@ class RedisConfigSource:
 
     def _poll(self) -> None:
         values, lengths = self._read()
-        config, problems = build_config(values, lengths, max_entries=self.max_entries)
+        config, problems = build_config(
+            values, lengths, max_entries=self.max_entries, default_jaeger=self.default_jaeger
+        )
         if not self._connected:
             if self._ever_connected:
                 log.info("redis %s reachable again", self.display)
@@ -752,7 +768,7 @@ class RedisConfigSource:
         else:
             log.debug("redis %s still unreachable: %s", self.display, _error_text(exc))
         if not self._applied:
-            self._apply(AgentConfig())
+            self._apply(AgentConfig(jaeger=self.default_jaeger))
 
     def _call(self, callback: Callable[[T], None] | None, arg: T) -> None:
         if callback is None:

@@ -1,0 +1,289 @@
+"""``clovisor agent``: the runtime that joins the agent's edges to the tracer.
+
+- :class:`~clovisor.agent.kube.KubeWatcher` (this node's pods, the
+  services) and :class:`~clovisor.agent.redisconf.RedisConfigSource` (the
+  Redis keys and the plugin channel) run in their own threads and only
+  *wake* the control loop.
+- The control loop (:meth:`Agent.run`, on the caller's thread) is the only
+  one that changes anything: it loads the parser plugins Redis names, swaps
+  the exporter when the Jaeger endpoint changes, computes the desired
+  targets (:func:`~clovisor.agent.desired.compute`) and lets the
+  :class:`~clovisor.agent.reconcile.Reconciler` make the hooks match.
+- The datapath (ring buffer, tracker, exporters) is the
+  :class:`~clovisor.pipeline.Tracer`'s; this module never reaches into it.
+
+A pass runs whenever something changed, when a pod's interface lookup is due
+again, and at least every :data:`MAX_WAIT` seconds (the loop's heartbeat; a
+veth renumbered behind our back is noticed then). Start-up removes the clsact
+filters a killed predecessor left before anything is attached; TCX links die
+with their process and need nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..export import Exporter
+from ..export.otlp import OtlpExporter, resolve_config
+from ..health import Health
+from ..kernel.attach import cleanup
+from ..kernel.errors import KernelError
+from ..pipeline import Beat, SessionObserver, SpanFilter, Totals, Tracer, TracerSettings
+from .desired import compute
+from .ifaces import InterfaceCache
+from .kube import ApiClient, KubeWatcher
+from .model import AgentConfig, JaegerEndpoint
+from .plugins import ParserRegistry
+from .reconcile import Reconciler, ReconcileResult
+from .redisconf import DEFAULT_URL, RedisConfigSource
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT = 5.0  # seconds between passes when nothing happens (the liveness beat)
+RETRY_FAILED = 1.0  # seconds before trying an interface the kernel refused again
+RETIRE_TIMEOUT = 5.0  # how long a replaced exporter may flush at shutdown
+
+NOT_SYNCED = "waiting for the Kubernetes API (pods and services not listed yet)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentSettings:
+    node_name: str
+    redis_url: str = DEFAULT_URL
+    default_jaeger: JaegerEndpoint = field(default_factory=JaegerEndpoint)
+    tracer: TracerSettings = field(default_factory=TracerSettings)
+
+
+def jaeger_exporter(endpoint: JaegerEndpoint) -> OtlpExporter:
+    """Plaintext OTLP/gRPC to ``endpoint``; OTEL_EXPORTER_OTLP_* add headers, timeout...
+
+    Raises :class:`~clovisor.export.ExporterConfigError` for bad variables.
+    """
+    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+    return OtlpExporter(resolve_config("otlp-grpc", f"http://{host}:{endpoint.port}"))
+
+
+class Agent:
+    """One node's agent. ``run()`` blocks until :meth:`stop`; then returns the totals."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        api: ApiClient,
+        *,
+        observers: Sequence[SessionObserver] = (),
+        span_filter: SpanFilter | None = None,
+        beat: Beat | None = None,
+        health: Health | None = None,
+    ) -> None:
+        self.settings = settings
+        self.health = health or Health()
+        self._beat = beat or (lambda _loop: None)
+        self.registry = ParserRegistry()
+        self._jaeger = settings.default_jaeger  # where spans go
+        self._jaeger_seen = self._jaeger  # what the configuration last said
+        self.tracer = Tracer(
+            settings.tracer,
+            [jaeger_exporter(self._jaeger)],
+            observers=observers,
+            span_filter=span_filter,
+            beat=beat,
+            parsers=self.registry.by_id,
+        )
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._reloads: deque[str] = deque()  # plugin names from the pub/sub channel
+        self.redis = RedisConfigSource(
+            settings.redis_url,
+            lambda _config: self._wake.set(),
+            on_plugin_message=self._on_plugin_message,
+            default_jaeger=settings.default_jaeger,
+        )
+        self.kube = KubeWatcher(
+            api, settings.node_name, self._wake.set, namespaces=self._namespaces
+        )
+        self._ifaces = InterfaceCache()
+        self.reconciler = Reconciler(self.tracer, self._ifaces, self.registry.kernel_id)
+        self._proto_cfg: tuple[tuple[str, str], ...] = ()
+        self._retiring: list[threading.Thread] = []
+        self._noted: dict[str, str] = {}  # pod key -> what was logged about it (once)
+        self._traced = 0
+        self._unresolved = 0
+        self._failed = False
+        self._synced_logged = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def run(self) -> Totals:
+        """Clean up, load, watch and reconcile until :meth:`stop`.
+
+        Raises :class:`~clovisor.kernel.errors.KernelError` if the classifier
+        cannot be loaded (nothing is attached then).
+        """
+        s = self.settings
+        log.info("agent on node %s: Redis %s, Jaeger %s unless Redis names one",
+                 s.node_name, self.redis.display, self._jaeger)
+        self._remove_leftovers()
+        try:
+            self.tracer.start()
+        except BaseException:
+            for e in self.tracer.swap_exporters([]):
+                _shutdown(e)
+            raise
+        log.info("classifier loaded (%s mode); watching Kubernetes and Redis",
+                 s.tracer.attach_mode)
+        try:
+            self.redis.start()
+            self.kube.start()
+            self.health.set_ready(False, NOT_SYNCED)
+            while not self._stopping.is_set():
+                try:
+                    self._pass()
+                except Exception:
+                    # A bug of ours must not stop tracing what is attached.
+                    log.exception("agent: reconcile pass failed")
+                self._wait()
+        finally:
+            self.health.set_ready(False, "shutting down")
+            self.kube.stop()
+            self.redis.stop()
+            totals = self.tracer.stop()
+            deadline = time.monotonic() + RETIRE_TIMEOUT
+            for t in self._retiring:
+                t.join(max(0.0, deadline - time.monotonic()))
+        return totals
+
+    def stop(self) -> None:
+        """Make :meth:`run` detach, flush and return (safe from a signal handler)."""
+        self._stopping.set()
+        self._wake.set()
+
+    def health_stats(self) -> dict[str, int]:
+        """Agent gauges for the metrics endpoint (read at scrape time)."""
+        kube = self.kube.stats
+        return {
+            "agent_traced_pods": self._traced,
+            "agent_unresolved_pods": self._unresolved,
+            "kubernetes_synced": int(self.kube.synced),
+            "kubernetes_errors": kube.errors,
+            "kubernetes_relists": kube.relists,
+            "redis_connected": int(self.redis.connected),
+            "redis_config_problems": len(self.redis.problems),
+        }
+
+    # -- the control loop ---------------------------------------------------------------
+
+    def _wait(self) -> None:
+        timeout = RETRY_FAILED if self._failed else MAX_WAIT
+        due = self._ifaces.next_retry()
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - time.monotonic()))
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def _pass(self) -> None:
+        self._beat("agent")
+        config = self.redis.current()
+        self._apply_config(config)
+        while self._reloads:
+            self.registry.reload(self._reloads.popleft())
+        if not self.kube.synced:
+            return
+        pods, services = self.kube.pods(), self.kube.services()
+        if not self._synced_logged:
+            self._synced_logged = True
+            log.info("Kubernetes: %d pods on this node and %d services in the selected "
+                     "namespaces", len(pods), len(services))
+        desired = compute(pods, services, config, self.settings.node_name,
+                          self.registry.enabled_names())
+        for key, why in desired.skipped:
+            self._note(key, f"pod {key} not traced: {why}")
+        owners = {name: self.reconciler.owner(name) for name in self.reconciler.applied}
+        result = self.reconciler.apply(desired.targets)
+        self._ifaces.retain(t.pod_ip for t in desired.targets.values())
+        for key in result.unresolved:
+            target = desired.targets[key]
+            self._note(key, f"pod {key} ({target.pod_ip}): no host-side veth found on this "
+                            "node yet; retrying")
+        quiet = {k for k, _ in desired.skipped} | set(result.unresolved)
+        for key in list(self._noted):
+            if key not in quiet:
+                del self._noted[key]  # logged again if it comes back
+        self._log(result, owners)
+        self._traced = len(self.reconciler.applied)
+        self._unresolved = len(result.unresolved)
+        self._failed = bool(result.failed)
+        self.health.set_ready(self.tracer.ready.is_set(), "classifier not loaded")
+
+    def _apply_config(self, config: AgentConfig) -> None:
+        if config.proto_cfg != self._proto_cfg:
+            self.registry.apply(config.proto_cfg)
+            self._proto_cfg = config.proto_cfg
+        if config.jaeger != self._jaeger_seen:
+            self._jaeger_seen = config.jaeger
+            self._use_jaeger(config.jaeger)
+
+    def _use_jaeger(self, endpoint: JaegerEndpoint) -> None:
+        try:
+            exporter = jaeger_exporter(endpoint)
+        except Exception as exc:
+            log.error("Jaeger endpoint %s not used: %s; spans still go to %s",
+                      endpoint, exc, self._jaeger)
+            return
+        old = self.tracer.swap_exporters([exporter])
+        log.info("spans now go to %s (OTLP gRPC), no longer to %s", endpoint, self._jaeger)
+        self._jaeger = endpoint
+        for e in old:
+            # Flushing to an endpoint that may be gone must not hold up the loop.
+            t = threading.Thread(target=_shutdown, args=(e,), name="exporter-retire", daemon=True)
+            t.start()
+            self._retiring.append(t)
+        self._retiring = [t for t in self._retiring if t.is_alive()]
+
+    def _note(self, key: str, line: str) -> None:
+        if self._noted.get(key) != line:
+            self._noted[key] = line
+            log.info("%s", line)
+
+    def _log(self, result: ReconcileResult, owners: dict[str, str | None]) -> None:
+        applied = self.reconciler.applied
+        for verb, names in (("tracing", result.attached), ("updated", result.updated)):
+            for name in names:
+                it = applied[name]
+                ports = ", ".join(f"{p.port}/{self.registry.name_of(p.protocol)}"
+                                  for p in it.ports) or "none"
+                egress = ", ".join(f"{e.addr or '0'}:{e.port}" for e in it.egress) or "none"
+                log.info("%s pod %s on %s: ports %s; egress %s",
+                         verb, self.reconciler.owner(name), name, ports, egress)
+        for name in result.detached:
+            log.info("stopped tracing pod %s on %s", owners.get(name), name)
+
+    def _namespaces(self) -> set[str]:
+        return {rule.namespace for rule in self.redis.current().labels}
+
+    def _on_plugin_message(self, name: str) -> None:
+        self._reloads.append(name)
+        self._wake.set()
+
+    # -- start-up -------------------------------------------------------------------
+
+    def _remove_leftovers(self) -> None:
+        try:
+            removed = cleanup()
+        except KernelError as exc:
+            log.warning("cannot remove hooks left by an earlier agent: %s", exc)
+            return
+        for what in removed:
+            log.info("removed a hook left by an earlier agent: %s", what)
+
+
+def _shutdown(exporter: Exporter) -> None:
+    try:
+        exporter.shutdown()
+    except Exception as exc:
+        log.error("shutting down %s failed: %s", type(exporter).__name__, exc)

@@ -7,10 +7,12 @@ or attached; the interface names used do not exist).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,9 +21,15 @@ NOPE_IF = "clvnope0"  # no such interface anywhere
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="non-root gets the privilege error first")
 
 
-def clovisor(*args: str, prefix: tuple[str, ...] = (), timeout: float = 60) -> \
-        subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+# What the agent reads from its environment: cleared unless a test sets it.
+AGENT_ENV = ("MY_NODE_NAME", "KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT",
+             "CLOVISOR_REDIS", "CLOVISOR_JAEGER")
+
+
+def clovisor(*args: str, prefix: tuple[str, ...] = (), timeout: float = 60,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in AGENT_ENV}
+    env = {**base, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
     return subprocess.run([*prefix, sys.executable, "-m", "clovisor", *args],
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, env=env, check=False)
@@ -41,7 +49,7 @@ def assert_usage_error(proc: subprocess.CompletedProcess[str], *needles: str) ->
 
 BAD_TRACE_INPUT = [
     pytest.param(["--iface", NOPE_IF, "--port", "8080"], [NOPE_IF, "does not exist"],
-                 id="missing-interface", marks=as_root),
+                 id="missing-interface"),
     pytest.param(["--iface", NOPE_IF, "--port", "99999"], ["--port", "99999", "range"],
                  id="port-out-of-range"),
     pytest.param(["--iface", NOPE_IF, "--port", "0"], ["--port", "range"], id="port-zero"),
@@ -114,6 +122,64 @@ def test_other_bad_input_exits_2(args: list[str], needles: list[str]) -> None:
     assert_usage_error(clovisor(*args), *needles)
 
 
+@pytest.fixture
+def kubeconfig(tmp_path: Path) -> Path:
+    """A well-formed kubeconfig; nothing here ever connects to its server."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "users": [{"name": "t", "user": {}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
+    }))
+    return path
+
+
+KUBE = "@kubeconfig"  # replaced by the fixture's path
+
+BAD_AGENT_INPUT = [
+    pytest.param([], {}, ["node name", "MY_NODE_NAME"], id="no-node"),
+    pytest.param(["--node", "Bad_Node"], {}, ["--node", "'Bad_Node'"], id="bad-node-flag"),
+    pytest.param([], {"MY_NODE_NAME": "node a"}, ["MY_NODE_NAME=node a"], id="bad-node-env"),
+    pytest.param(["--node", "n1", "--redis", "redis:0"], {}, ["--redis", "'0'"],
+                 id="redis-port-zero"),
+    pytest.param(["--node", "n1"], {"CLOVISOR_REDIS": "ftp://r"}, ["CLOVISOR_REDIS", "scheme"],
+                 id="redis-env-bad-scheme"),
+    pytest.param(["--node", "n1", "--jaeger", "http://j:4317"], {}, ["--jaeger", "not a URL"],
+                 id="jaeger-url"),
+    pytest.param(["--node", "n1"], {"CLOVISOR_JAEGER": "j:99999"},
+                 ["CLOVISOR_JAEGER", "99999"], id="jaeger-env-bad-port"),
+    pytest.param(["--node", "n1", "--kubeconfig", "/nonexistent/kc"], {}, ["/nonexistent/kc"],
+                 id="kubeconfig-missing"),
+    pytest.param(["--node", "n1"], {"KUBECONFIG": "/nonexistent/kc"},
+                 ["KUBECONFIG=/nonexistent/kc"], id="kubeconfig-env-missing"),
+    pytest.param(["--node", "n1"], {"HOME": "/nonexistent"}, ["no Kubernetes credentials"],
+                 id="no-credentials"),
+    pytest.param(["--node", "n1"], {"KUBERNETES_SERVICE_HOST": "10.200.0.1",
+                                    "KUBERNETES_SERVICE_PORT": "443"},
+                 ["in-cluster credentials"], id="in-cluster-without-token"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE, "--metrics", "nope"], {}, ["--metrics"],
+                 id="metrics-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE, "--capture-bytes", "0"], {},
+                 ["--capture-bytes"], id="capture-bytes-zero"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE, "--attach-mode", "xdp"], {},
+                 ["--attach-mode"], id="attach-mode-unknown"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE, "--sample-ratio", "2"], {},
+                 ["2"], id="sample-ratio-out-of-range"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE], {"OTEL_EXPORTER_OTLP_HEADERS": "x"},
+                 ["OTEL_EXPORTER_OTLP_HEADERS"], id="otlp-headers-bad"),
+]
+
+
+@as_root  # the agent says "not root" before anything else
+@pytest.mark.parametrize(("args", "env", "needles"), BAD_AGENT_INPUT)
+def test_agent_bad_flags_and_environment_exit_2_with_one_line(
+    args: list[str], env: dict[str, str], needles: list[str], kubeconfig: Path
+) -> None:
+    args = [str(kubeconfig) if a == KUBE else a for a in args]
+    assert_usage_error(clovisor("agent", *args, env=env), *needles)
+
+
 def test_version_and_help() -> None:
     v = clovisor("--version")
     assert v.returncode == 0 and v.stdout.startswith("clovisor "), v
@@ -142,6 +208,7 @@ def _as_nobody() -> tuple[str, ...]:
         pytest.param(["trace", "--iface", "lo", "--egress", "10.200.0.10:8080",
                       "--output", "otlp-json:-"], id="trace-egress"),
         pytest.param(["cleanup"], id="cleanup"),
+        pytest.param(["agent", "--node", "n1"], id="agent"),
     ],
 )
 def test_not_root_exits_2_about_privileges(args: list[str]) -> None:

@@ -347,6 +347,10 @@ def _setting(flag: str | None, flag_name: str, env: str, default: str) -> tuple[
 
 
 def _agent(args: argparse.Namespace) -> int:
+    # An agent runs as root or not at all: that is said first, before the
+    # Kubernetes and Redis clients are even imported.
+    if os.geteuid() != 0:
+        _require_root()
     from .agent.kube import KubeError, api_client
     from .agent.redisconf import check_node_name, parse_jaeger, redis_url
     from .agent.runtime import Agent, AgentSettings
@@ -376,8 +380,6 @@ def _agent(args: argparse.Namespace) -> int:
         api = api_client(args.kubeconfig)
     except KubeError as exc:
         raise UsageError(str(exc)) from None
-    if os.geteuid() != 0:
-        _require_root()
     settings = AgentSettings(
         node_name=node,
         redis_url=url,

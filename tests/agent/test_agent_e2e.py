@@ -57,7 +57,7 @@ TOTALS = "segments seen"
 @dataclass
 class Node:
     topo: Topology
-    redis: RedisServer
+    store: RedisServer  # the configuration Redis
     tmp: Path
 
     @property
@@ -70,7 +70,7 @@ class Node:
     def redis_do(self, fn: Callable[[redis.Redis], Any]) -> Any:
         """Run ``fn(client)`` against the node's Redis (its socket lives in the node namespace)."""
         with in_netns(self.ns):
-            client = redis.Redis(host="127.0.0.1", port=self.redis.port, socket_timeout=5)
+            client = redis.Redis(host="127.0.0.1", port=self.store.port, socket_timeout=5)
             try:
                 return fn(client)
             finally:
@@ -215,8 +215,8 @@ def jaeger(node: Node) -> Iterator[GrpcReceiver]:
 
 @pytest.fixture(autouse=True)
 def empty_redis(node: Node) -> None:
-    if not node.redis.running:
-        node.in_node(node.redis.start)
+    if not node.store.running:
+        node.in_node(node.store.start)
     node.redis_do(lambda r: r.flushall())
 
 
@@ -284,7 +284,7 @@ def agent(node: Node, kubeconfig: Path) -> Iterator[AgentFactory]:
 
     def start(*extra: str) -> AgentRun:
         argv = [sys.executable, "-m", "clovisor", "agent", "--node", NODE,
-                "--kubeconfig", str(kubeconfig), "--redis", node.redis.url,
+                "--kubeconfig", str(kubeconfig), "--redis", node.store.url,
                 "--metrics", f"127.0.0.1:{METRICS_PORT}", *extra]
         env = {k: v for k, v in os.environ.items()
                if k not in ("KUBECONFIG", "MY_NODE_NAME", "CLOVISOR_REDIS", "CLOVISOR_JAEGER")}
@@ -321,13 +321,11 @@ def traced(n: Node, pod: str) -> bool:
 
 
 def wait_traced(n: Node, *pods: str) -> None:
-    for pod in pods:
-        wait_until(lambda p=pod: traced(n, p), f"pod {pod} is traced")
+    wait_until(lambda: all(traced(n, p) for p in pods), f"pods {pods} are traced")
 
 
 def wait_untraced(n: Node, *pods: str) -> None:
-    for pod in pods:
-        wait_until(lambda p=pod: not n.hooks(p), f"pod {pod} has no hooks")
+    wait_until(lambda: not any(n.hooks(p) for p in pods), f"pods {pods} have no hooks")
 
 
 def _value(v: Any) -> Any:
@@ -528,7 +526,7 @@ def test_redis_down_at_start_uses_the_defaults_then_its_config(
 ) -> None:
     kube.add_pod(web_pod(node))
     kube.add_pod(api_pod(node))
-    node.redis.stop()
+    node.store.stop()
     with node.in_node(GrpcReceiver) as fallback:
         a = agent("--jaeger", f"127.0.0.1:{fallback.port}")
         a.wait_log("using the defaults until it answers")
@@ -536,7 +534,7 @@ def test_redis_down_at_start_uses_the_defaults_then_its_config(
         node.curl("web", "/")
         wait_spans(fallback, of_pod("web"))  # the --jaeger default
 
-        node.in_node(node.redis.start)  # the same port
+        node.in_node(node.store.start)  # the same port
         node.redis_do(lambda r: r.rpush("clovisor_labels", "shop"))
         wait_traced(node, "api")
         wait_untraced(node, "web")

@@ -164,6 +164,93 @@ def test_iproute2_failures_raise() -> None:
         ifaces._run(["/nonexistent/clovisor-ip", "-j", "route"])
 
 
+# --- the cache the reconciler asks -------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Lookups:
+    """A host_link stand-in: answers from a table, counts the calls."""
+
+    def __init__(self, table: dict[str, HostLink | Exception | None]) -> None:
+        self.table = table
+        self.calls: list[str] = []
+
+    def __call__(self, ip: str) -> HostLink | None:
+        self.calls.append(ip)
+        answer = self.table.get(ip)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_cache_rechecks_a_found_veth_by_ifindex_only() -> None:
+    lookups = Lookups({"10.200.0.10": HostLink("cali1", 7)})
+    index = {"cali1": 7}
+
+    def index_of(name: str) -> int:
+        if name not in index:
+            raise OSError(19, "No such device")
+        return index[name]
+
+    cache = ifaces.InterfaceCache(lookups, index_of=index_of, clock=Clock())
+    assert cache("10.200.0.10") == HostLink("cali1", 7)
+    assert cache("10.200.0.10") == HostLink("cali1", 7)
+    assert lookups.calls == ["10.200.0.10"]  # the second answer forked nothing
+    index["cali1"] = 9  # the sandbox was recreated behind a veth of the same name
+    lookups.table["10.200.0.10"] = HostLink("cali1", 9)
+    assert cache("10.200.0.10") == HostLink("cali1", 9)
+    del index["cali1"]  # the veth is gone
+    lookups.table["10.200.0.10"] = None
+    assert cache("10.200.0.10") is None
+    assert len(lookups.calls) == 3
+
+
+def test_cache_retries_misses_with_backoff_and_forgets_pods_no_longer_wanted() -> None:
+    clock = Clock()
+    lookups = Lookups({})
+    cache = ifaces.InterfaceCache(lookups, index_of=lambda _n: 1, clock=clock,
+                                  retry_initial=0.2, retry_max=1.0)
+    assert cache("10.200.0.11") is None
+    assert cache.next_retry() == pytest.approx(100.2)
+    assert cache("10.200.0.11") is None and len(lookups.calls) == 1  # not due yet
+    delays = []
+    for _ in range(5):
+        due = cache.next_retry()
+        assert due is not None
+        delays.append(round(due - clock.now, 3))
+        clock.now = due
+        assert cache("10.200.0.11") is None
+    assert delays == [0.2, 0.4, 0.8, 1.0, 1.0]
+    lookups.table["10.200.0.11"] = HostLink("veth1", 3)
+    clock.now += 1.0
+    assert cache("10.200.0.11") == HostLink("veth1", 3)
+    assert cache.next_retry() is None
+    cache.retain([])
+    assert cache("10.200.0.11") == HostLink("veth1", 3) and len(lookups.calls) == 8
+
+
+def test_cache_logs_iproute2_failures_once_and_treats_them_as_misses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    lookups = Lookups({"10.200.0.12": IfaceError("ip not found: install iproute2"),
+                       "10.200.0.13": IfaceError("ip not found: install iproute2")})
+    cache = ifaces.InterfaceCache(lookups, clock=clock)
+    with caplog.at_level("WARNING", logger="clovisor.agent.ifaces"):
+        assert cache("10.200.0.12") is None
+        assert cache("10.200.0.13") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot look up the interface of pod IP 10.200.0.12: ip not found: install iproute2"
+    ]
+
+
 # --- kernel tests: routed (ptp) topology -----------------------------------------------
 
 

@@ -127,6 +127,23 @@ def test_builtins_present_and_work() -> None:
     assert reg.reload("http") is False
 
 
+def test_kernel_ids_are_given_once_and_kept() -> None:
+    reg = ParserRegistry()
+    assert reg.kernel_id("http") == Protocol.HTTP and reg.kernel_id("tcp") == Protocol.TCP
+    assert reg.kernel_id("lineproto") == 3 and reg.kernel_id("other") == 4
+    assert reg.kernel_id("lineproto") == 3
+    assert reg.name_of(3) == "lineproto" and reg.name_of(99) is None
+    assert reg.by_id(3) is None  # an id, but no parser loaded for it yet
+    assert reg.load("lineproto", "lineproto") is True
+    factory = reg.by_id(3)
+    assert factory is not None and factory is reg.get("lineproto")
+    reg.unload("lineproto")
+    assert reg.by_id(3) is None and reg.kernel_id("lineproto") == 3  # never reused
+    for i in range(5, 256):
+        assert reg.kernel_id(f"p{i}") == i
+    assert reg.kernel_id("one_too_many") is None
+
+
 def test_register_checks_name_and_interface() -> None:
     reg = ParserRegistry()
     with pytest.raises(SpecError):

@@ -128,6 +128,7 @@ class Agent:
         s = self.settings
         log.info("agent on node %s: Redis %s, Jaeger %s unless Redis names one",
                  s.node_name, self.redis.display, self._jaeger)
+        self.health.set_ready(False, "loading the classifier")
         self._remove_leftovers()
         try:
             self.tracer.start()
@@ -135,12 +136,12 @@ class Agent:
             for e in self.tracer.swap_exporters([]):
                 _shutdown(e)
             raise
+        self.health.set_ready(False, NOT_SYNCED)
         log.info("classifier loaded (%s mode); watching Kubernetes and Redis",
                  s.tracer.attach_mode)
         try:
             self.redis.start()
             self.kube.start()
-            self.health.set_ready(False, NOT_SYNCED)
             while not self._stopping.is_set():
                 try:
                     self._pass()

@@ -264,6 +264,33 @@ def test_agent_command_metrics_and_probes(agent_container: Obj) -> None:
     assert probe("startupProbe") == ("/healthz", METRICS_PORT)
 
 
+def test_agent_args_and_env_are_what_clovisor_agent_reads(
+    agent_container: Obj, rendered: list[Obj]
+) -> None:
+    from clovisor.agent.model import JaegerEndpoint
+    from clovisor.agent.redisconf import redis_url
+    from clovisor.cli import build_parser
+
+    # The arguments parse as `clovisor agent` flags (a renamed flag fails here, not on nodes).
+    args = build_parser().parse_args(["agent", *agent_container["args"]])
+    assert args.metrics == ("0.0.0.0", METRICS_PORT)
+    env = {e["name"]: e for e in agent_container["env"]}
+    assert set(env) <= {"MY_NODE_NAME", "CLOVISOR_REDIS", "CLOVISOR_JAEGER"}
+    assert redis_url(env["CLOVISOR_REDIS"]["value"]) == "redis://redis.clovisor:6379/0"
+    # Without clovisor_jaeger_server (and without CLOVISOR_JAEGER) spans go to the
+    # default endpoint: the OTLP gRPC port of the Jaeger deployed here.
+    assert "CLOVISOR_JAEGER" not in env
+    default = JaegerEndpoint()
+    service, namespace = default.host.split(".")
+    collector = _one(rendered, "Service", service)
+    assert collector["metadata"]["namespace"] == namespace
+    grpc = [p for p in collector["spec"]["ports"] if p["port"] == default.port]
+    assert [p["name"] for p in grpc] == ["otlp-grpc"]
+    # gRPC, so the agent's own exports are never parsed as HTTP should someone
+    # monitor namespace clovisor.
+    assert grpc[0]["appProtocol"] == "grpc"
+
+
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi)?$")
 
 

@@ -383,7 +383,11 @@ def test_pod_appears_is_traced_with_its_kubernetes_attributes_and_detached_when_
                           ports=[("http", HTTP_PORT)], host_network=True))
     kube.add_pod(make_pod("elsewhere", node="node-b", ip=node.pod("api").ipv4,
                           labels={"app": "web"}, ports=[("http", HTTP_PORT)]))
+    # Selected, Running, but no veth of this node routes to its IP.
+    kube.add_pod(make_pod("ghost", node=NODE, ip="10.200.0.250", labels={"app": "web"},
+                          ports=[("http", HTTP_PORT)]))
     a.wait_log("pod default/hostnet not traced: hostNetwork pod")
+    a.wait_log("pod default/ghost (10.200.0.250): no host-side veth found on this node yet")
     assert not node.hooks("web")
 
     kube.update_pod(web_pod(node))  # Running with its IP
@@ -406,6 +410,7 @@ def test_pod_appears_is_traced_with_its_kubernetes_attributes_and_detached_when_
 
     metrics = node.get("/metrics")[1]
     assert "clovisor_agent_traced_pods 1.0" in metrics
+    assert "clovisor_agent_unresolved_pods 1.0" in metrics  # the ghost
     assert "clovisor_kubernetes_synced 1.0" in metrics
 
     kube.delete_pod("web")

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MAX_WAIT = 5.0  # seconds between passes when nothing happens (the liveness beat)
 RETRY_FAILED = 1.0  # seconds before trying an interface the kernel refused again
 RETIRE_TIMEOUT = 5.0  # how long a replaced exporter may flush at shutdown
+UNRESOLVED_WARN = 10.0  # a pod without a veth this long is worth a warning
 
 NOT_SYNCED = "waiting for the Kubernetes API (pods and services not listed yet)"
 
@@ -112,6 +113,7 @@ class Agent:
         self._proto_cfg: tuple[tuple[str, str], ...] = ()
         self._retiring: list[threading.Thread] = []
         self._noted: dict[str, str] = {}  # pod key -> what was logged about it (once)
+        self._unresolved_since: dict[str, float] = {}  # pod key -> monotonic time
         self._traced = 0
         self._unresolved = 0
         self._failed = False
@@ -207,10 +209,19 @@ class Agent:
         owners = {name: self.reconciler.owner(name) for name in self.reconciler.applied}
         result = self.reconciler.apply(desired.targets)
         self._ifaces.retain(t.pod_ip for t in desired.targets.values())
-        for key in result.unresolved:
-            target = desired.targets[key]
-            self._note(key, f"pod {key} ({target.pod_ip}): no host-side veth found on this "
-                            "node yet; retrying")
+        now = time.monotonic()
+        self._unresolved_since = {
+            key: self._unresolved_since.get(key, now) for key in result.unresolved
+        }
+        for key, since in self._unresolved_since.items():
+            ip = desired.targets[key].pod_ip
+            if now - since < UNRESOLVED_WARN:
+                self._note(key, f"pod {key} ({ip}): no host-side veth found on this node yet; "
+                                "retrying")
+            else:
+                self._note(key, f"pod {key} ({ip}): still no host-side veth after "
+                                f"{UNRESOLVED_WARN:g}s; is its CNI one Clovisor supports? "
+                                "(deploy/README.md, Which CNIs work)", logging.WARNING)
         quiet = {k for k, _ in desired.skipped} | set(result.unresolved)
         for key in list(self._noted):
             if key not in quiet:
@@ -246,10 +257,10 @@ class Agent:
             self._retiring.append(t)
         self._retiring = [t for t in self._retiring if t.is_alive()]
 
-    def _note(self, key: str, line: str) -> None:
+    def _note(self, key: str, line: str, level: int = logging.INFO) -> None:
         if self._noted.get(key) != line:
             self._noted[key] = line
-            log.info("%s", line)
+            log.log(level, "%s", line)
 
     def _log(self, result: ReconcileResult, owners: dict[str, str | None]) -> None:
         applied = self.reconciler.applied

@@ -162,7 +162,11 @@ class Agent:
         return totals
 
     def stop(self) -> None:
-        """Make :meth:`run` detach, flush and return (safe from a signal handler)."""
+        """Make :meth:`run` detach, flush and return; from any thread but run()'s own.
+
+        The CLI calls it from its signal handler, with run() on another thread:
+        a handler on run()'s thread could interrupt it inside the event's lock.
+        """
         self._stopping.set()
         self._wake.set()
 

@@ -18,10 +18,18 @@ from typing import Protocol
 
 from .budget import UNLIMITED, Budget
 from .errors import ProtocolError
+from .frozen import builder
 from .reassembly import Chunk
 
 
-class State(enum.Enum):
+class _FastHash(enum.Enum):
+    """Members hash by identity: Enum's own ``__hash__`` is Python code, and
+    every transition looks up a (state, trigger) pair."""
+
+    __hash__ = object.__hash__
+
+
+class State(_FastHash):
     IDLE = enum.auto()  # at a message boundary
     SEEK = enum.auto()  # lost: waiting for a chunk that starts a message
     HEADERS = enum.auto()
@@ -35,7 +43,7 @@ class State(enum.Enum):
     TUNNEL = enum.auto()  # after CONNECT or Upgrade: not HTTP any more
 
 
-class Trigger(enum.Enum):
+class Trigger(_FastHash):
     START = enum.auto()
     GARBAGE = enum.auto()
     SKIP = enum.auto()
@@ -96,7 +104,7 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
 }
 
 
-class Kind(enum.Enum):
+class Kind(_FastHash):
     REQUEST = "request"
     RESPONSE = "response"
 
@@ -266,6 +274,67 @@ class Framer:
             if rest is None:
                 return
             chunk = rest
+
+    def feed_run(
+        self, offset: int, length: int, data: bytes, tail: bytes, ts_ns: int, packets: int,
+        ack: int,
+    ) -> None:
+        """``feed(Chunk(offset, length, data, tail, ts_ns, packets), ack)``, faster.
+
+        The common segment holds whole messages: a request, or a response
+        with its Content-Length body, written at once. Those are framed here
+        straight from the bytes, with no Chunk per step; the first byte this
+        cannot frame, and everything after it, goes through :meth:`feed`.
+        Both ways end in the same state with the same calls to the sink (the
+        tests hold them to that).
+        """
+        pos = 0
+        if self._state is State.IDLE and not self.in_message and not self._buf:
+            pos = self._whole_messages(offset, length, data, ts_ns, packets, ack)
+            if pos >= length:
+                return
+        chunk = Chunk(offset, length, data, tail, ts_ns, packets)
+        self.feed(chunk.split(pos)[1] if pos else chunk, ack)
+
+    def _whole_messages(
+        self, offset: int, length: int, data: bytes, ts_ns: int, packets: int, ack: int
+    ) -> int:
+        """Frame the messages at the front of a run whose header blocks were captured.
+
+        Exactly what ``_start``, ``_headers``, ``_head_done`` and ``_counted``
+        do for such a message; returns how many bytes of the run it consumed.
+        """
+        pos = 0
+        captured = len(data)
+        kind = self._kind
+        while pos < captured and self._state is State.IDLE:
+            end = data.find(b"\r\n\r\n", pos)
+            if end < 0:
+                break
+            used = end + 4 - pos
+            head = parse_head(kind, data[pos : end + 4], truncated=False, header_bytes=used)
+            if head is None:
+                break  # the general path reports it
+            # A parsed start line is a plausible start (_looks_like_start).
+            self._fire(Trigger.START)
+            self.in_message = True
+            self.message_bytes = used
+            # later messages of the run are split off it, and splits count no packets
+            self.message_packets = packets if pos == 0 else 0
+            self.ack = ack
+            self.start_offset = offset + pos
+            self._head_ts = self._last_ts = ts_ns
+            pos += used
+            self._framed(head)
+            if self.state is State.BODY_LENGTH:  # (the property: _framed moved it)
+                n = min(self._remaining, length - pos)
+                self._remaining -= n
+                self.message_bytes += n
+                pos += n
+                if self._remaining == 0:
+                    self._fire(Trigger.BODY_DONE)
+                    self._end(ts_ns, self.message_bytes - self._body_start)
+        return pos
 
     def close(self, ts_ns: int) -> bool:
         """The sender closed (FIN): end a close-delimited body. True if one ended."""
@@ -440,9 +509,13 @@ class Framer:
         if head is None:
             self._invalid("malformed start line or header")
             return
+        self._framed(head)
+
+    def _framed(self, head: Head) -> None:
+        """Report a parsed head and enter the state its body framing calls for."""
         method = self._sink.message_head(self._kind, head, self._head_ts, self.ack)
         self._body_start = self.message_bytes
-        if truncated:
+        if head.truncated:
             self._fire(Trigger.HEAD_TRUNCATED)
             return
         framing = body_framing(head, method)
@@ -601,18 +674,93 @@ def body_framing(head: Head, request_method: str | None) -> _Framing:
     return _Framing.CLOSE
 
 
+# Header fields whose values matter: framing ones by code, recorded ones by
+# their (str) name. Keyed by lower-cased bytes, so that every other field is
+# skipped without being decoded.
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION = 1, 2, 3
+_FIELD_ROLES: dict[bytes, int | str] = {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    **{name.encode("ascii"): name for name in RECORDED_HEADERS},
+}
+if any(isinstance(_FIELD_ROLES.get(n), int) for n in (r.encode() for r in RECORDED_HEADERS)):
+    raise AssertionError("a framing header cannot also be a recorded one")
+
+# The common shape of a header section, checked in one pass: every line
+# "token:value" ended by CRLF, no bare LF, no CR inside a line, no folding.
+# Where it holds, splitting at CRLF and at the first colon finds exactly the
+# fields the line-by-line loop would; anything else takes that loop.
+_CLEAN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*\r\n")
+
+# (content_length, chunked, close, upgrade) while a head is read
+_Framing4 = tuple[int | None, bool, bool, bool]
+
+
+def _framing_field(
+    role: int, value_b: bytes, kind: Kind, state: _Framing4
+) -> _Framing4 | None:
+    """Fold one framing header into ``state``; None if it makes the head unusable."""
+    content_length, chunked, close, upgrade = state
+    if role == _CONTENT_LENGTH:
+        if not value_b.isdigit():
+            return None
+        n = int(value_b)
+        if content_length is not None and content_length != n:
+            return None
+        return n, chunked, close, upgrade
+    if role == _TRANSFER_ENCODING:
+        codings = [c.strip().lower() for c in value_b.split(b",")]
+        chunked = codings[-1] == b"chunked"
+        if not chunked and kind is Kind.REQUEST:
+            return None  # a request body without a length cannot be framed
+        return content_length, chunked, close, upgrade
+    tokens = {t.strip().lower() for t in value_b.split(b",")}
+    return content_length, chunked, b"close" in tokens, upgrade or b"upgrade" in tokens
+
+
+def _field_lines(block: bytes, *, truncated: bool) -> list[bytes] | None:
+    """The "name:value" lines of any header block; None if one is not a field.
+
+    Tolerant of bare LF, blank lines and obsolete folding; a truncated
+    block ends at its last complete line (or at the first line that is not
+    a field, since the rest may be body bytes).
+    """
+    lines = block.split(b"\n")
+    last = len(lines) - 1
+    out = []
+    for i in range(1, len(lines)):
+        line = lines[i].rstrip(b"\r")
+        if not line:
+            continue
+        if truncated and i == last:
+            break  # a line cut off by the capture length: its value is unknown
+        if line[0] in b" \t":
+            continue  # obsolete line folding: a continuation of a header we skip
+        name_b, colon, _ = line.partition(b":")
+        if not colon or not _HEADER_NAME.match(name_b):
+            if truncated:
+                break
+            return None
+        out.append(line)
+    return out
+
+
+_build_head = builder(Head)
+
+
 def parse_head(kind: Kind, block: bytes, *, truncated: bool, header_bytes: int) -> Head | None:
     """Parse a header block (possibly cut short); None if it is not HTTP/1.x."""
     if truncated and not block:
         return Head(kind=kind, version="", truncated=True, header_bytes=header_bytes)
-    lines = block.split(b"\n")
-    start = lines[0].rstrip(b"\r")
+    nl = block.find(b"\n")
+    start = (block[:nl] if nl >= 0 else block).rstrip(b"\r")
     method = target = reason = ""
     status = 0
     if kind is Kind.REQUEST:
         m = _REQUEST_LINE.match(start)
         if m is None:
-            if not truncated or len(lines) > 1:
+            if not truncated or nl >= 0:
                 return None
             # Only part of the request line was captured: keep what is certain.
             parts = start.split(b" ")
@@ -631,59 +779,36 @@ def parse_head(kind: Kind, block: bytes, *, truncated: bool, header_bytes: int) 
         status = int(m.group(2))
         reason = _text(m.group(3) or b"")
     recorded: list[tuple[str, str]] = []
-    content_length: int | None = None
-    chunked = close = upgrade = False
-    last = len(lines) - 1
-    for i in range(1, len(lines)):
-        line = lines[i].rstrip(b"\r")
-        if not line:
-            continue
-        if truncated and i == last:
-            break  # a line cut off by the capture length: its value is unknown
-        if line[0] in b" \t":
-            continue  # obsolete line folding: a continuation of a header we skip
-        name_b, colon, value_b = line.partition(b":")
-        if not colon or not _HEADER_NAME.match(name_b):
-            if truncated:
-                break
+    framing: _Framing4 = (None, False, False, False)
+    lines: list[bytes] | None
+    if not truncated and nl >= 0 and _CLEAN_FIELDS.fullmatch(block, nl + 1):
+        # block ends with the empty line: [nl + 1:-4] is the fields without their last CRLF
+        lines = block[nl + 1 : -4].split(b"\r\n") if len(block) - nl > 3 else []
+    else:
+        lines = _field_lines(block, truncated=truncated)
+        if lines is None:
             return None
-        name = name_b.decode("ascii").lower()
+    roles = _FIELD_ROLES
+    for line in lines:
+        name_b, _, value_b = line.partition(b":")
+        role = roles.get(name_b.lower())
+        if role is None:
+            continue
         value_b = value_b.strip(b" \t")
-        if name == "content-length":
-            if not value_b.isdigit():
+        if isinstance(role, str):
+            recorded.append((role, _text(value_b)))
+        else:
+            folded = _framing_field(role, value_b, kind, framing)
+            if folded is None:
                 return None
-            n = int(value_b)
-            if content_length is not None and content_length != n:
-                return None
-            content_length = n
-        elif name == "transfer-encoding":
-            codings = [c.strip().lower() for c in value_b.split(b",")]
-            chunked = codings[-1] == b"chunked"
-            if not chunked and kind is Kind.REQUEST:
-                return None  # a request body without a length cannot be framed
-        elif name == "connection":
-            tokens = {t.strip().lower() for t in value_b.split(b",")}
-            close = b"close" in tokens
-            upgrade = upgrade or b"upgrade" in tokens
-        if name in RECORDED_HEADERS:
-            recorded.append((name, _text(value_b)))
+            framing = folded
+    content_length, chunked, close, upgrade = framing
     if chunked:
         content_length = None  # Transfer-Encoding overrides Content-Length
-    return Head(
-        kind=kind,
-        version=version,
-        method=method,
-        target=target,
-        status_code=status,
-        reason=reason,
-        headers=tuple(recorded),
-        content_length=content_length,
-        chunked=chunked,
-        connection_close=close,
-        upgrade=upgrade,
-        truncated=truncated,
-        header_bytes=header_bytes,
-    )
+    return _build_head(
+        kind, version, method, target, status, reason, tuple(recorded),
+        content_length, chunked, close, upgrade, truncated, header_bytes,
+    )  # fmt: skip
 
 
 def _text(b: bytes) -> str:

@@ -128,6 +128,20 @@ class HalfStream:
             self._next_abs = 0
             self.syn_seen = True
 
+    def take_next(self, seq: int, length: int) -> int | None:
+        """The offset of a segment that is next in order with nothing held, else None.
+
+        Such a segment (the common case) needs none of :meth:`push`'s
+        bookkeeping: the cursor moves past it and the caller frames its
+        bytes as the one chunk ``push`` would have returned.
+        """
+        if seq != self._next_seq or self._pending:
+            return None
+        offset = self._next_abs
+        self._next_seq = (seq + length) % _MOD
+        self._next_abs = offset + length
+        return offset
+
     def push(
         self,
         seq: int,

@@ -25,8 +25,9 @@ from .events import (
     Segment,
     Session,
 )
+from .frozen import builder
 from .http1 import Framer, Head, Kind
-from .reassembly import Chunk, HalfStream, ReassemblyLimits, seq_diff
+from .reassembly import Chunk, HalfStream, ReassemblyLimits, known_bytes, seq_diff
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +96,9 @@ class Stats:
         self.parse_errors = 0
         self.unpaired_responses = 0  # responses to requests we never saw
         self.dropped_requests = 0  # pending requests beyond the per-connection limit
+
+
+_SYN_FIN_RST = SYN | FIN | RST
 
 
 class Connection:
@@ -249,7 +253,7 @@ class TcpConnection(Connection):
 class HttpConnection(Connection):
     """HTTP/1.x: a FIFO of requests, each paired with the next response."""
 
-    __slots__ = ("_current", "_max_pending", "_pending", "_req_framer", "_resp_framer")
+    __slots__ = ("_current", "_fast", "_max_pending", "_pending", "_req_framer", "_resp_framer")
 
     def __init__(
         self,
@@ -261,8 +265,10 @@ class HttpConnection(Connection):
         synced: bool,
         max_pending: int = 64,
         max_header_bytes: int = 65536,
+        fast_path: bool = True,
     ) -> None:
         super().__init__(endpoints, limits, stats, out)
+        self._fast = fast_path
         self._req_framer = Framer(
             Kind.REQUEST,
             self,
@@ -280,6 +286,27 @@ class HttpConnection(Connection):
         self._pending: deque[_Pending] = deque()
         self._current: tuple[_Pending, Head, int] | None = None  # request, response head, ts
         self._max_pending = max_pending
+
+    def feed(self, seg: Segment) -> None:
+        # The common segment: payload, next in order, no SYN/FIN/RST. It skips
+        # the reassembler's queue and the Chunk objects; anything else, or a
+        # connection built with fast_path=False (the tests' reference), takes
+        # the general path.
+        length = seg.payload_len
+        if not self._fast or not length or seg.flags & _SYN_FIN_RST:
+            super().feed(seg)
+            return
+        is_req = seg.direction is Direction.REQUEST
+        offset = (self.req if is_req else self.resp).take_next(seg.seq & 0xFFFFFFFF, length)
+        if offset is None:
+            super().feed(seg)
+            return
+        self.last_ts = seg.ts_ns
+        tail = seg.tail
+        (self._req_framer if is_req else self._resp_framer).feed_run(
+            offset, length, known_bytes(seg.payload, tail, length), tail, seg.ts_ns,
+            seg.packets, seg.ack,
+        )  # fmt: skip
 
     def on_chunk(self, is_req: bool, chunk: Chunk, ack: int) -> None:
         framer = self._req_framer if is_req else self._resp_framer
@@ -416,39 +443,28 @@ class HttpConnection(Connection):
         rh = request.head
         response = None
         if head is not None:
-            response = HttpResponse(
-                status_code=head.status_code,
-                reason=head.reason,
-                version=head.version,
-                headers=head.headers,
-                body_size=body_size,
-                header_truncated=head.truncated,
-            )
+            response = _build_response(
+                head.status_code, head.reason, head.version, head.headers, body_size,
+                head.truncated,
+            )  # fmt: skip
         self.out.append(
-            Session(
-                role=e.role,
-                protocol=e.protocol,
-                ifindex=e.ifindex,
-                family=e.family,
-                client_addr=e.client_addr,
-                client_port=e.client_port,
-                server_addr=e.server_addr,
-                server_port=e.server_port,
-                start_ns=request.start_ts,
-                end_ns=max(end_ts, request.start_ts),
-                outcome=outcome,
-                request=HttpRequest(
-                    method=rh.method,
-                    target=rh.target,
-                    version=rh.version,
-                    headers=rh.headers,
-                    body_size=request.body_size,
-                    header_truncated=rh.truncated,
+            _build_session(
+                e.role, e.protocol, e.ifindex, e.family,
+                e.client_addr, e.client_port, e.server_addr, e.server_port,
+                request.start_ts, max(end_ts, request.start_ts), outcome,
+                _build_request(
+                    rh.method, rh.target, rh.version, rh.headers, request.body_size,
+                    rh.truncated,
                 ),
-                response=response,
-                request_packets=request.packets,
-                request_bytes=request.bytes,
-                response_packets=packets if head is not None else 0,
-                response_bytes=nbytes if head is not None else 0,
+                response,
+                request.packets, request.bytes,
+                packets if head is not None else 0, nbytes if head is not None else 0,
+                "", (),
             )
-        )
+        )  # fmt: skip
+
+
+# One to three per exchange: positional builders (see frozen.py), field order.
+_build_session = builder(Session)
+_build_request = builder(HttpRequest)
+_build_response = builder(HttpResponse)

@@ -89,8 +89,15 @@ class Tracker:
     caller passes to :meth:`advance` (both kernel CLOCK_MONOTONIC).
     """
 
-    def __init__(self, limits: Limits | None = None, parsers: ParserLookup | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        parsers: ParserLookup | None = None,
+        *,
+        fast_path: bool = True,
+    ) -> None:
         self.limits = limits or Limits()
+        self._fast_path = fast_path  # False: only the general path (a reference for tests)
         self._parsers = parsers
         self._conns: OrderedDict[ConnKey, Connection] = OrderedDict()
         self._conn_stats = Stats(Budget(self.limits.max_buffered_bytes))
@@ -208,6 +215,7 @@ class Tracker:
                 synced=bool(seg.flags & SYN),
                 max_pending=lim.max_pending_requests,
                 max_header_bytes=lim.max_header_bytes,
+                fast_path=self._fast_path,
             )
         elif seg.protocol == Protocol.TCP:
             conn = TcpConnection(endpoints, lim.reassembly, self._conn_stats, self._out)

@@ -59,6 +59,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.status import Status
 
+from .paircache import PairCache
+
 __all__ = ["ProtobufSpanEncoder", "reference_request"]
 
 _logger = logging.getLogger(__name__)
@@ -140,10 +142,12 @@ def _add_attribute(attributes: Any, key: str, value: object) -> None:
         _logger.warning("dropping attribute %r: %s", key, exc)
 
 
-# A cached value must be hashable, equal only to values that encode the same,
-# and small: str, int and bool (keyed with their type, since True == 1), and
-# tuples of strings (header values arrive as one-element lists).
-_CACHEABLE_SCALARS: Final = (str, int, bool)
+def _pair_fragment(key: str, value: Any) -> bytes:
+    """Span(attributes=[key=value]) serialised; raises for an unencodable value."""
+    fragment: bytes = PbSpan(
+        attributes=[KeyValue(key=key, value=_any_value(value))]
+    ).SerializeToString()
+    return fragment
 
 
 class ProtobufSpanEncoder:
@@ -162,15 +166,13 @@ class ProtobufSpanEncoder:
         max_value_length: int = 256,
         max_cached_objects: int = 1024,
     ) -> None:
-        self._max_pairs = max_cached_pairs
-        self._max_per_key = max_values_per_key
-        self._max_len = max_value_length
         self._max_objects = max_cached_objects
         # (key, type, value) -> bytes of Span(attributes=[that pair]).
-        self._pairs: dict[tuple[str, type, object], bytes] = {}
-        # key -> distinct values cached; keys past the limit are volatile.
-        self._per_key: dict[str, int] = {}
-        self._volatile: set[str] = set()
+        self._pairs: PairCache[bytes] = PairCache(
+            max_pairs=max_cached_pairs,
+            max_values_per_key=max_values_per_key,
+            max_value_length=max_value_length,
+        )
         self._statuses: dict[tuple[int, str | None], bytes] = {}
         # Keyed by identity, holding the object so its id cannot be reused.
         self._resources: dict[int, tuple[Resource, PbResource]] = {}
@@ -180,49 +182,13 @@ class ProtobufSpanEncoder:
         """Entries held per cache (for tests and debugging)."""
         return {
             "pairs": len(self._pairs),
-            "keys": len(self._per_key),
+            "keys": self._pairs.keys,
             "statuses": len(self._statuses),
             "resources": len(self._resources),
             "scopes": len(self._scopes),
         }
 
     # --- caches -------------------------------------------------------------
-
-    def _miss(self, key: str, vtype: type, value: Any) -> bytes | None:
-        """Cache and return the fragment for a pair not cached yet, if it may be."""
-        if vtype is str:
-            if len(value) > self._max_len:
-                return None
-            hkey: tuple[str, type, object] = (key, vtype, value)
-        elif vtype is int or vtype is bool:
-            hkey = (key, vtype, value)
-        elif vtype is list or vtype is tuple:
-            items = tuple(value)
-            if not all(type(v) is str for v in items) or sum(map(len, items)) > self._max_len:
-                return None
-            hkey = (key, vtype, items)
-        else:
-            # Floats (0.0 == -0.0, NaN != NaN), bytes, mappings: not worth it.
-            return None
-        seen = self._per_key.get(key, 0)
-        if seen >= self._max_per_key:
-            # A high-cardinality key (a port, an id): caching it would only
-            # evict useful pairs. Its cached values stay valid.
-            self._volatile.add(key)
-            return None
-        if len(self._pairs) >= self._max_pairs:
-            # Rare (thousands of distinct cacheable pairs): start over rather
-            # than pay for LRU bookkeeping on every hit.
-            self._pairs.clear()
-            self._per_key.clear()
-            self._volatile.clear()
-            seen = 0
-        # May raise (invalid UTF-8, int64 overflow): the caller drops the pair.
-        pb = PbSpan(attributes=[KeyValue(key=key, value=_any_value(value))])
-        fragment: bytes = pb.SerializeToString()
-        self._pairs[hkey] = fragment
-        self._per_key[key] = seen + 1
-        return fragment
 
     def _status(self, status: Status) -> bytes:
         skey = (status.status_code.value, status.description)
@@ -355,8 +321,9 @@ class ProtobufSpanEncoder:
         run = [self._status(span.status)]
         attributes = span.attributes
         if attributes:
-            pairs = self._pairs
-            volatile = self._volatile
+            cache = self._pairs
+            pairs = cache.pairs
+            volatile = cache.volatile
             value: Any
             for key, value in attributes.items():
                 vtype = type(value)
@@ -371,7 +338,7 @@ class ProtobufSpanEncoder:
                     fragment = None
                 if fragment is None and key not in volatile:
                     try:
-                        fragment = self._miss(key, vtype, value)
+                        fragment = cache.miss(key, vtype, value, _pair_fragment)
                     except (TypeError, ValueError) as exc:
                         _logger.warning("dropping attribute %r: %s", key, exc)
                         continue

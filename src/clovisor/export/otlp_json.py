@@ -38,6 +38,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
 from clovisor.export import ExporterConfigError, ExportError
+from clovisor.export.paircache import PairCache
 
 __all__ = [
     "OtlpJsonExporter",
@@ -200,17 +201,47 @@ def _key_prefix(key: str) -> str:
     return prefix
 
 
+def _pair_json(key: str, value: object) -> str:
+    """One KeyValue object; :class:`_Unencodable` if protobuf would refuse the value."""
+    return _key_prefix(key) + _any_json(value) + "}"
+
+
+# Attribute pairs repeat from span to span: encode each distinct one once
+# (the policy, shared with the protobuf encoder, is in paircache.py).
+_pairs: Final[PairCache[str]] = PairCache()
+
+
 def _attributes_json(attributes: Mapping[str, object] | None) -> str:
     """The comma-joined KeyValue objects, or "" when there are none."""
     if not attributes:
         return ""
+    cache = _pairs
+    pairs = cache.pairs
+    volatile = cache.volatile
     out = []
+    value: Any
     for key, value in attributes.items():
-        try:
-            out.append(_key_prefix(key) + _any_json(value) + "}")
-        except _Unencodable as exc:
-            # Same policy as encode_spans: lose the attribute, not the span.
-            _logger.warning("dropping attribute %r: %s", key, exc)
+        vtype = type(value)
+        if vtype is str or vtype is int or vtype is bool:
+            fragment = pairs.get((key, vtype, value))
+        elif vtype is list or vtype is tuple:
+            try:
+                fragment = pairs.get((key, vtype, tuple(value)))
+            except TypeError:  # unhashable items: never cached
+                fragment = None
+        else:
+            fragment = None
+        if fragment is None:
+            try:
+                if key not in volatile:
+                    fragment = cache.miss(key, vtype, value, _pair_json)
+                if fragment is None:
+                    fragment = _pair_json(key, value)
+            except _Unencodable as exc:
+                # Same policy as encode_spans: lose the attribute, not the span.
+                _logger.warning("dropping attribute %r: %s", key, exc)
+                continue
+        out.append(fragment)
     return ",".join(out)
 
 
@@ -328,35 +359,26 @@ def spans_to_otlp_json(spans: Sequence[ReadableSpan]) -> str:
 
     if not groups:
         return "{}"
-    resource_spans = []
-    for resource, scopes in groups:
-        scope_list = []
-        for scope, scope_spans in scopes:
+    # One join at the end: the spans are most of the text, and each
+    # concatenation around them would copy all of it again.
+    parts = ['{"resourceSpans":[']
+    for r, (resource, scopes) in enumerate(groups):
+        parts.append(('{"resource":' if r == 0 else ',{"resource":')
+                     + _cached_resource_json(resource) + ',"scopeSpans":[')
+        for i, (scope, scope_spans) in enumerate(scopes):
+            parts.append(('{"scope":' if i == 0 else ',{"scope":') + _scope_json(scope)
+                         + ',"spans":[')
+            parts.append(",".join(scope_spans))
             schema = (
                 ',"schemaUrl":' + _q(scope.schema_url)
                 if scope is not None and scope.schema_url
                 else ""
             )
-            scope_list.append(
-                '{"scope":'
-                + _scope_json(scope)
-                + ',"spans":['
-                + ",".join(scope_spans)
-                + "]"
-                + schema
-                + "}"
-            )
+            parts.append("]" + schema + "}")
         schema = ',"schemaUrl":' + _q(resource.schema_url) if resource.schema_url else ""
-        resource_spans.append(
-            '{"resource":'
-            + _cached_resource_json(resource)
-            + ',"scopeSpans":['
-            + ",".join(scope_list)
-            + "]"
-            + schema
-            + "}"
-        )
-    return '{"resourceSpans":[' + ",".join(resource_spans) + "]}"
+        parts.append("]" + schema + "}")
+    parts.append("]}")
+    return "".join(parts)
 
 
 def otlp_json_to_request(doc: dict[str, Any]) -> ExportTraceServiceRequest:
@@ -414,7 +436,7 @@ class OtlpJsonExporter:
         if not spans:
             return  # an empty request line would be noise to any reader
         try:
-            line = spans_to_otlp_json(spans) + "\n"
+            doc = spans_to_otlp_json(spans)
         except (ValueError, TypeError, AttributeError, binascii.Error) as exc:
             raise ExportError(f"OTLP/JSON encoding failed: {exc}") from exc
         with self._lock:
@@ -423,7 +445,8 @@ class OtlpJsonExporter:
             try:
                 # Flush per batch: a reader tailing the file (or a test) sees
                 # whole lines as soon as the batch is exported.
-                self._stream.write(line)
+                self._stream.write(doc)  # not doc + "\n": that would copy it once more
+                self._stream.write("\n")
                 self._stream.flush()
             except (OSError, ValueError) as exc:
                 raise ExportError(f"OTLP/JSON write failed: {exc}") from exc

@@ -389,7 +389,10 @@ class _Reflector:
         with self._resp_lock:
             self._resp = resp
         if self.owner._stopping.is_set():  # stop() ran between the request and here
-            _abort(resp)
+            # Closed, not only shut down for reading: urllib3 shuts down SHUT_RD,
+            # which the server never sees, and the watch would stay open on it
+            # until the socket is garbage-collected.
+            self._done(resp, clean=False)
             raise _Stopped
         return resp
 

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPTURE_BYTES = 1024
 _POLL_MS = 100
 _ADVANCE_NS = 250_000_000  # how often the tracker lets time pass (timeouts)
+SEGMENTS_IN_FLIGHT = 16384  # decoded segments queued for the tracker, at most
+SPANS_IN_FLIGHT = 8192  # spans queued for the exporters, at most
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,8 +163,13 @@ class Tracer:
         except BaseException:
             self._release()
             raise
-        batches: Pipe[Batch] = Pipe(16, "segments")
-        spans: Pipe[list[ReadableSpan]] = Pipe(16, "spans")
+        # Bounded by what the batches hold, not by how many there are: with
+        # the ring's own bound (ring_bytes, and max_records per read) this
+        # caps the tracer's memory whatever the traffic (README "Memory bounds").
+        batches: Pipe[Batch] = Pipe(
+            SEGMENTS_IN_FLIGHT, "segments", weigh=lambda b: max(1, len(b.segments))
+        )
+        spans: Pipe[list[ReadableSpan]] = Pipe(SPANS_IN_FLIGHT, "spans", weigh=len)
         reader = threading.Thread(target=self._read_loop, args=(batches,), name="ring", daemon=True)
         tracker = Stage("tracker", batches, spans, self._track, finish=self._flush)
         exporter: Stage[list[ReadableSpan], None] = Stage(
@@ -289,8 +296,11 @@ class Tracer:
                 self._beat("ring")
                 out.put(Batch(segs, time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
             # The hooks are gone: what is left in the ring is all there will be.
-            segs = reader.poll(0)
-            out.put(Batch(segs, time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+            while True:
+                segs = reader.poll(0)
+                out.put(Batch(segs, time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+                if not reader.more:
+                    break
         except Exception:
             log.exception("ring reader failed")
         finally:

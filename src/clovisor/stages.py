@@ -31,30 +31,49 @@ class Pipe(Generic[T]):
     Waiting is the back-pressure: a slow exporter slows the tracker, which
     slows the ring reader, and the kernel then counts the records it could not
     queue (``events lost``). Nothing in between grows without bound.
+
+    ``capacity`` counts items, or with ``weigh`` what ``weigh(item)`` says
+    (records in a batch, spans in a list): batches vary in size, and memory
+    follows what is in them. An item heavier than the whole capacity still
+    passes, alone, so nothing is ever stuck.
     """
 
-    def __init__(self, capacity: int, name: str = "") -> None:
+    def __init__(
+        self, capacity: int, name: str = "", *, weigh: Callable[[T], int] | None = None
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.name = name
-        self._items: collections.deque[T] = collections.deque()
+        self._items: collections.deque[tuple[T, int]] = collections.deque()
         self._capacity = capacity
+        self._weigh = weigh
+        self._load = 0  # the weight of what is queued
         self._closed = False
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def load(self) -> int:
+        """What is queued, in the capacity's unit."""
+        return self._load
+
     def put(self, item: T, timeout: float | None = None) -> bool:
         """Queue an item; False if the pipe was closed or stayed full for ``timeout``."""
+        weight = self._weigh(item) if self._weigh is not None else 1
         with self._cond:
             if not self._cond.wait_for(
-                lambda: self._closed or len(self._items) < self._capacity, timeout
+                lambda: self._closed
+                or not self._items
+                or self._load + weight <= self._capacity,
+                timeout,
             ):
                 return False
             if self._closed:
                 return False
-            self._items.append(item)
+            self._items.append((item, weight))
+            self._load += weight
             self._cond.notify_all()
             return True
 
@@ -64,7 +83,8 @@ class Pipe(Generic[T]):
             if not self._cond.wait_for(lambda: self._closed or self._items, timeout):
                 return None
             if self._items:
-                item = self._items.popleft()
+                item, weight = self._items.popleft()
+                self._load -= weight
                 self._cond.notify_all()
                 return item
             raise Closed(self.name)

@@ -153,3 +153,32 @@ def test_default_walk_is_mapped_only_where_plain_loads_are_ordered() -> None:
     expected = "mapped" if platform.machine().lower() in ("x86_64", "amd64") else "libbpf"
     assert default_walk() == expected or platform.machine().lower() in ("i386", "i686")
     assert abi.SEGMENT_HEADER_SIZE % 8 == 0  # records stay 8-byte aligned in the ring
+
+
+class _NoWait:
+    """Stands in for the reader's epoll: any wait is a failure."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+
+    def poll(self, *_args: object) -> list[tuple[int, int]]:
+        raise AssertionError("waited although records were left in the ring")
+
+    def fileno(self) -> int:
+        return self.real.fileno()  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.kernel
+def test_a_cut_batch_is_continued_without_waiting(bpf_object: Factory) -> None:
+    """Records left behind by max_records may never wake the reader: do not wait for them."""
+    obj = bpf_object(capture_bytes=64, wakeup_bytes=60_000)  # never crossed here
+    obj.set_server_port(LO, 8080, Protocol.HTTP)
+    with RingReader(obj, max_records=4) as reader:
+        test_run(obj.prog_fd("clv_tc_ingress"), eth4(ipv4(tcp(40000, 8080, b"x"))), repeat=10)
+        assert len(reader.poll(0)) == 4 and reader.more
+        real, reader._epoll = reader._epoll, _NoWait(reader._epoll)  # type: ignore[assignment]
+        try:
+            assert len(reader.poll(60_000)) == 4 and reader.more
+            assert len(reader.poll(60_000)) == 2 and not reader.more
+        finally:
+            reader._epoll = real

@@ -108,10 +108,14 @@ class RingReader:
 
         The drain is unconditional: on a timeout it collects what arrived
         below the wake-up threshold. After a drain that stopped at the limit
-        the wait returns at once (the fd stays readable while data is queued).
+        there is no wait at all: what is queued would not wake the reader
+        again (only a record that crosses the threshold does), so waiting
+        could leave a full ring unread until the timeout.
         """
-        # (epoll.poll retries on EINTR by itself, PEP 475)
-        self._live().poll(timeout_ms / 1000 if timeout_ms >= 0 else -1, 1)
+        ep = self._live()
+        if not self.more:
+            # (epoll.poll retries on EINTR by itself, PEP 475)
+            ep.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1, 1)
         return self.drain()
 
     def drain(self) -> list[Segment]:

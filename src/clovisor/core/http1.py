@@ -691,7 +691,7 @@ if any(isinstance(_FIELD_ROLES.get(n), int) for n in (r.encode() for r in RECORD
 # "token:value" ended by CRLF, no bare LF, no CR inside a line, no folding.
 # Where it holds, splitting at CRLF and at the first colon finds exactly the
 # fields the line-by-line loop would; anything else takes that loop.
-_CLEAN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*\r\n")
+_CLEAN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb"+:[^\r\n]*+\r\n)*+\r\n")  # possessive: no backtracking
 
 # (content_length, chunked, close, upgrade) while a head is read
 _Framing4 = tuple[int | None, bool, bool, bool]
@@ -715,6 +715,9 @@ def _framing_field(
         if not chunked and kind is Kind.REQUEST:
             return None  # a request body without a length cannot be framed
         return content_length, chunked, close, upgrade
+    if b"," not in value_b:  # the usual single token: keep-alive, close
+        token = value_b.strip().lower()
+        return content_length, chunked, token == b"close", upgrade or token == b"upgrade"
     tokens = {t.strip().lower() for t in value_b.split(b",")}
     return content_length, chunked, b"close" in tokens, upgrade or b"upgrade" in tokens
 
@@ -768,16 +771,18 @@ def parse_head(kind: Kind, block: bytes, *, truncated: bool, header_bytes: int) 
                 return None
             method, target, version = parts[0].decode("ascii"), _text(parts[1]), "1.1"
         else:
-            method = m.group(1).decode("ascii")
-            target = _text(m.group(2))
-            version = "1." + m.group(3).decode("ascii")
+            method_b, target_b, minor = m.groups()
+            method = method_b.decode("ascii")
+            target = _text(target_b)
+            version = "1.1" if minor == b"1" else "1.0"
     else:
         m = _STATUS_LINE.match(start)
         if m is None:
             return None
-        version = "1." + m.group(1).decode("ascii")
-        status = int(m.group(2))
-        reason = _text(m.group(3) or b"")
+        minor, code, reason_b = m.groups()
+        version = "1.1" if minor == b"1" else "1.0"
+        status = int(code)
+        reason = _text(reason_b) if reason_b else ""
     recorded: list[tuple[str, str]] = []
     framing: _Framing4 = (None, False, False, False)
     lines: list[bytes] | None

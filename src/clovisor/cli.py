@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -300,10 +301,13 @@ def _trace(args: argparse.Namespace) -> int:
         lambda: {**tracer.health_stats(), "spans_sampled_out": telemetry.sampler.sampled_out}
     )
     tracer.count = args.count
-    stop = threading.Event()
+    # A plain flag, not an Event: the handler runs on this thread, and
+    # Event.set() there could wait forever for the lock of the very
+    # Event.wait() it interrupted.
+    stop: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        stop.set()
+        stop.append(signum)
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -322,10 +326,10 @@ def _trace(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         deadline = None if args.duration is None else _now() + args.duration
-        while not stop.is_set() and not tracer.done.is_set():
+        while not stop and not tracer.done.is_set():
             if deadline is not None and _now() >= deadline:
                 break
-            stop.wait(0.1)
+            time.sleep(0.1)  # the loop sees a signal within 0.1 s
     finally:
         telemetry.health.set_ready(False)
         totals = tracer.stop()
@@ -436,8 +440,6 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _now() -> float:
-    import time
-
     return time.monotonic()
 
 

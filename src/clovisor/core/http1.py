@@ -691,7 +691,8 @@ if any(isinstance(_FIELD_ROLES.get(n), int) for n in (r.encode() for r in RECORD
 # "token:value" ended by CRLF, no bare LF, no CR inside a line, no folding.
 # Where it holds, splitting at CRLF and at the first colon finds exactly the
 # fields the line-by-line loop would; anything else takes that loop.
-_CLEAN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb"+:[^\r\n]*+\r\n)*+\r\n")  # possessive: no backtracking
+# (Possessive quantifiers: nothing to backtrack into.)
+_CLEAN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb"+:[^\r\n]*+\r\n)*+\r\n")
 
 # (content_length, chunked, close, upgrade) while a head is read
 _Framing4 = tuple[int | None, bool, bool, bool]

@@ -434,10 +434,14 @@ static __always_inline void emit(struct __sk_buff *skb, struct clv_pkt *p,
 	 * unread data cross wakeup_bytes.  Above the threshold the reader is
 	 * already woken (a level-triggered epoll does not lose it), and waking
 	 * again per record would cost an irq_work each; below it, the reader's
-	 * poll timeout bounds the latency.  wakeup_bytes 0: wake every record.
+	 * poll timeout bounds the latency.  wakeup_bytes 0: wake every record;
+	 * CLV_WAKEUP_NEVER: never, the reader drains on a timer, and the ring
+	 * is not even queried (measured: about 60 ns less per packet).
 	 */
 	wake = settings.wakeup_bytes;
-	if (wake == 0) {
+	if (wake == CLV_WAKEUP_NEVER) {
+		flags = BPF_RB_NO_WAKEUP;
+	} else if (wake == 0) {
 		flags = BPF_RB_FORCE_WAKEUP;
 	} else {
 		avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);

@@ -123,11 +123,15 @@ enum clv_counter {
 	CLV_CNT__MAX = 5,
 };
 
+/* clv_settings.wakeup_bytes: no record wakes the reader, which drains the
+ * ring on a timer (the cheapest per packet: no ring query, no irq_work). */
+#define CLV_WAKEUP_NEVER 0xffffffffU
+
 /* Load-time settings: the only variable in .rodata (const volatile). */
 struct clv_settings {
 	__u32 capture_bytes;  /* payload prefix per segment, <= CLV_CAPTURE_MAX */
 	__u32 wakeup_bytes;   /* wake user space once this much data is queued;
-	                       * 0: wake it for every record */
+	                       * 0: wake it for every record; CLV_WAKEUP_NEVER */
 };
 
 #endif /* CLOVISOR_H */

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -106,6 +107,10 @@ class Stage(threading.Thread, Generic[T, U]):
     when no input arrived for ``tick`` seconds (timers such as timeouts);
     ``finish`` runs once after the input closed, before the output closes.
     An exception in a handler is logged and counted, never kills the stage.
+    ``yield_cpu``: give up the CPU after each item (``sched_yield``), so that
+    a stage working through a backlog runs in item-sized slices and the
+    threads it shares CPUs with (the traced workload) get in between; it
+    costs a system call when nobody else wants the CPU.
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class Stage(threading.Thread, Generic[T, U]):
         idle: Callable[[], list[U]] | None = None,
         finish: Callable[[], list[U]] | None = None,
         tick: float = 0.5,
+        yield_cpu: bool = False,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.source = source
@@ -126,6 +132,7 @@ class Stage(threading.Thread, Generic[T, U]):
         self._idle = idle
         self._finish = finish
         self._tick = tick
+        self._yield = yield_cpu
         self.errors = 0
 
     def run(self) -> None:
@@ -139,6 +146,8 @@ class Stage(threading.Thread, Generic[T, U]):
                     self._emit(self._call(self._idle))
                 else:
                     self._emit(self._call(functools.partial(self._handle, item)))
+                    if self._yield:
+                        os.sched_yield()
             self._emit(self._call(self._finish))
         finally:
             if self.sink is not None:

@@ -47,6 +47,7 @@ CONSTANTS = {
     "CLV_EGRESS_V4": abi.CLV_EGRESS_V4,
     "CLV_EGRESS_V6": abi.CLV_EGRESS_V6,
     "CLV_CNT__MAX": abi.CLV_CNT__MAX,
+    "CLV_WAKEUP_NEVER": abi.CLV_WAKEUP_NEVER,
     **{f"CLV_CNT_{c.name}": c.value for c in abi.Counter},
 }
 

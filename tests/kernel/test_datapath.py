@@ -28,6 +28,7 @@ import pytest
 
 from clovisor.core.events import ACK, FIN, PSH, RST, SYN, Direction, Protocol, Role, Segment
 from clovisor.kernel import libbpf
+from clovisor.kernel.abi import CLV_WAKEUP_NEVER
 from clovisor.kernel.loader import BpfObject
 from clovisor.kernel.ringbuf import RingReader
 from clovisor.topology import Topology
@@ -748,6 +749,17 @@ def test_wakeup_bytes_zero_wakes_for_every_record(bpf_object: Factory) -> None:
         test_run(obj.prog_fd("clv_tc_ingress"), eth4(ipv4(tcp(40000, 8080, b"x"))))
         assert _readable(reader.epoll_fd(), 2.0)
         assert len(reader.poll(0)) == 1
+
+
+def test_wakeup_never_leaves_the_reader_asleep(bpf_object: Factory) -> None:
+    obj = bpf_object(capture_bytes=64, wakeup_bytes=CLV_WAKEUP_NEVER)
+    obj.set_server_port(LO, 8080, Protocol.HTTP)
+    frame = eth4(ipv4(tcp(40000, 8080, b"x" * 64)))
+    with RingReader(obj) as reader:
+        test_run(obj.prog_fd("clv_tc_ingress"), frame, repeat=500)  # ~80 KiB queued
+        assert not _readable(reader.epoll_fd(), 0.2)  # no record woke it...
+        assert len(reader.poll(0)) == 500  # ...and the timed drain gets them all
+    assert obj.counters()["lost"] == 0
 
 
 def test_reader_counts_malformed_records_without_raising(bpf_object: Factory) -> None:

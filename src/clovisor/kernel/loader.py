@@ -24,6 +24,7 @@ from .abi import (
     CLV_EGRESS_ANY,
     CLV_EGRESS_V4,
     CLV_EGRESS_V6,
+    CLV_WAKEUP_NEVER,
     Counter,
     clv_egress_key,
     clv_match,
@@ -185,7 +186,8 @@ class BpfObject:
 
     ``capture_bytes`` is the payload prefix copied per segment (at most
     CLV_CAPTURE_MAX); ``wakeup_bytes`` how much unread ring data wakes the
-    reader (0: every record); ``ring_bytes`` the ring buffer size.
+    reader (0: every record; ``CLV_WAKEUP_NEVER``: nothing does, the reader
+    drains on a timer); ``ring_bytes`` the ring buffer size.
     """
 
     def __init__(
@@ -199,8 +201,10 @@ class BpfObject:
         if not 0 <= capture_bytes <= CLV_CAPTURE_MAX:
             raise ValueError(f"capture_bytes {capture_bytes} out of range 0-{CLV_CAPTURE_MAX}")
         _check_ring_bytes(ring_bytes)
-        if not 0 <= wakeup_bytes < ring_bytes:
-            raise ValueError(f"wakeup_bytes {wakeup_bytes} must be below the ring size")
+        if not (0 <= wakeup_bytes < ring_bytes or wakeup_bytes == CLV_WAKEUP_NEVER):
+            raise ValueError(
+                f"wakeup_bytes {wakeup_bytes} must be below the ring size (or CLV_WAKEUP_NEVER)"
+            )
         self.path = path or DEFAULT_OBJECT
         self.capture_bytes = capture_bytes
         self.wakeup_bytes = wakeup_bytes

@@ -1,16 +1,18 @@
-"""Wires the runtime: ring reader -> tracker -> exporters, and the kernel hooks.
+"""Wires the runtime: ring -> tracker -> exporters, and the kernel hooks.
 
 The only module that knows all the stages. ``Tracer.start`` loads the
 classifier, writes the port/egress tables, attaches to every interface and
-starts three threads joined by bounded pipes; ``Tracer.stop`` detaches first
-(no new events), drains the ring, lets the tracker flush pending sessions,
-and shuts the exporters down, in that order.
+starts two stages: the tracker, whose bounded input is the ring buffer
+itself, and the exporters, joined to it by a bounded pipe of spans.
+``Tracer.stop`` detaches first (no new events), drains the ring, lets the
+tracker flush pending sessions, and shuts the exporters down, in that order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -40,15 +42,18 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPTURE_BYTES = 1024
 _ADVANCE_NS = 250_000_000  # how often the tracker lets time pass (timeouts)
 # The ring is drained on a timer (no record wakes the reader, which spares
-# the classifier a ring query and an irq_work) and handed on in slices: a
-# slice is well under a millisecond of tracker work, and every stage yields
-# the CPU between slices, so the workload being traced never waits long
-# behind the tracer. A backlog doubles the slice (up to the reader's bound)
-# for throughput; once the ring is drained it is small again.
+# the classifier a ring query and an irq_work) and tracked in slices: a
+# slice is well under a millisecond of tracker work, and the stages yield
+# the CPU after each one, so the workload being traced never waits long
+# behind the tracer (measured: tracer bursts of several ms, not its total
+# CPU, were what cost the workload its p99). When more than BACKLOG_BYTES
+# wait in the ring the slice doubles (up to MAX_SLICE_RECORDS) and the
+# stages stop yielding after the bigger ones: a tracer that is behind takes
+# its fair share of the CPU. Once it has caught up the slices are small again.
 DRAIN_INTERVAL_MS = 10
 SLICE_RECORDS = 64
 MAX_SLICE_RECORDS = 4096
-SEGMENTS_IN_FLIGHT = 16384  # decoded segments queued for the tracker, at most
+BACKLOG_BYTES = 64 << 10  # more than this queued in the ring: the tracer is behind
 SPANS_IN_FLIGHT = 8192  # spans queued for the exporters, at most
 
 
@@ -156,6 +161,7 @@ class Tracer:
         self._clock = MonotonicToWall()
         self._ids = FastIdGenerator()
         self._last_advance = 0
+        self.tracker_errors = 0  # batches whose handling raised (logged)
         self._stopped = False
         self._final: Totals | None = None
 
@@ -175,21 +181,20 @@ class Tracer:
         except BaseException:
             self._release()
             raise
-        # Bounded by what the batches hold, not by how many there are: with
-        # the ring's own bound (ring_bytes, and max_records per read) this
-        # caps the tracer's memory whatever the traffic (README "Memory bounds").
-        batches: Pipe[Batch] = Pipe(
-            SEGMENTS_IN_FLIGHT, "segments", weigh=lambda b: max(1, len(b.segments))
-        )
+        # Bounded by what the lists hold, not by how many there are: with the
+        # ring's own bound (ring_bytes) this caps the tracer's memory whatever
+        # the traffic (README "Memory bounds").
         spans: Pipe[list[ReadableSpan]] = Pipe(SPANS_IN_FLIGHT, "spans", weigh=len)
-        reader = threading.Thread(target=self._read_loop, args=(batches,), name="ring", daemon=True)
-        tracker = Stage(
-            "tracker", batches, spans, self._track, finish=self._flush, yield_cpu=True
-        )
+        # The ring is the tracker's bounded input queue: one thread reads and
+        # tracks, so no decoded segment waits in a second queue and no GIL
+        # hand-over happens per slice between a reader and a tracker.
+        tracker = threading.Thread(target=self._ring_loop, args=(spans,), name="tracker",
+                                   daemon=True)
         exporter: Stage[list[ReadableSpan], None] = Stage(
-            "export", spans, None, self._export, finish=self._shutdown_exporters, yield_cpu=True
-        )
-        self._threads = [reader, tracker, exporter]
+            "export", spans, None, self._export, finish=self._shutdown_exporters,
+            yield_cpu=lambda s: len(s) <= SLICE_RECORDS,
+        )  # fmt: skip
+        self._threads = [tracker, exporter]
         for t in self._threads:
             t.start()
         self.ready.set()
@@ -301,34 +306,52 @@ class Tracer:
 
     # -- stages ---------------------------------------------------------------------
 
-    def _read_loop(self, out: Pipe[Batch]) -> None:
+    def _ring_loop(self, out: Pipe[list[ReadableSpan]]) -> None:
+        """Read the ring in slices, track them, pass the spans on; flush at the end."""
         reader = self._reader
         assert reader is not None
         try:
-            last_put = 0
             while not self._stop.is_set():
                 segs = reader.poll(DRAIN_INTERVAL_MS)
                 self._beat("ring")
-                now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-                # Idle, only the passing of time is news (the tracker's timeouts).
-                if segs or now - last_put >= _ADVANCE_NS:
-                    out.put(Batch(segs, now))
-                    last_put = now
+                self._track_slice(segs, out)
+                queued = reader.backlog()
+                behind = reader.more if queued is None else queued > BACKLOG_BYTES
                 reader.max_records = (
-                    min(2 * reader.max_records, MAX_SLICE_RECORDS) if reader.more
-                    else SLICE_RECORDS
-                )  # fmt: skip
+                    min(2 * reader.max_records, MAX_SLICE_RECORDS) if behind else SLICE_RECORDS
+                )
+                if segs and len(segs) <= SLICE_RECORDS:
+                    os.sched_yield()  # between slices: see SLICE_RECORDS
             reader.max_records = MAX_SLICE_RECORDS
             # The hooks are gone: what is left in the ring is all there will be.
             while True:
-                segs = reader.poll(0)
-                out.put(Batch(segs, time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+                self._track_slice(reader.poll(0), out)
                 if not reader.more:
                     break
+            self._emit_spans(self._guarded(self._flush), out)
         except Exception:
             log.exception("ring reader failed")
         finally:
             out.close()
+
+    def _track_slice(self, segs: list[Segment], out: Pipe[list[ReadableSpan]]) -> None:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        if segs or now - self._last_advance >= _ADVANCE_NS:
+            self._emit_spans(self._guarded(lambda: self._track(Batch(segs, now))), out)
+
+    def _guarded(self, fn: Callable[[], list[list[ReadableSpan]]]) -> list[list[ReadableSpan]]:
+        # A failing batch is logged and counted; it never stops the tracer.
+        try:
+            return fn()
+        except Exception:
+            self.tracker_errors += 1
+            log.exception("tracker: handling a batch failed")
+            return []
+
+    @staticmethod
+    def _emit_spans(lists: list[list[ReadableSpan]], out: Pipe[list[ReadableSpan]]) -> None:
+        for spans in lists:
+            out.put(spans)
 
     def _track(self, batch: Batch) -> list[list[ReadableSpan]]:
         self._beat("tracker")

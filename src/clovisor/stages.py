@@ -107,10 +107,11 @@ class Stage(threading.Thread, Generic[T, U]):
     when no input arrived for ``tick`` seconds (timers such as timeouts);
     ``finish`` runs once after the input closed, before the output closes.
     An exception in a handler is logged and counted, never kills the stage.
-    ``yield_cpu``: give up the CPU after each item (``sched_yield``), so that
-    a stage working through a backlog runs in item-sized slices and the
-    threads it shares CPUs with (the traced workload) get in between; it
-    costs a system call when nobody else wants the CPU.
+    ``yield_cpu(item)``: whether to give up the CPU (``sched_yield``) after
+    handling ``item``, so that a stage working through a run of items does
+    it in item-sized slices and the threads it shares CPUs with (the traced
+    workload) get in between; it costs a system call when nobody else
+    wants the CPU.
     """
 
     def __init__(
@@ -123,7 +124,7 @@ class Stage(threading.Thread, Generic[T, U]):
         idle: Callable[[], list[U]] | None = None,
         finish: Callable[[], list[U]] | None = None,
         tick: float = 0.5,
-        yield_cpu: bool = False,
+        yield_cpu: Callable[[T], bool] | None = None,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.source = source
@@ -146,7 +147,7 @@ class Stage(threading.Thread, Generic[T, U]):
                     self._emit(self._call(self._idle))
                 else:
                     self._emit(self._call(functools.partial(self._handle, item)))
-                    if self._yield:
+                    if self._yield is not None and self._yield(item):
                         os.sched_yield()
             self._emit(self._call(self._finish))
         finally:

@@ -112,6 +112,7 @@ def test_poll_is_bounded_by_max_records(bpf_object: Factory, walk: str) -> None:
             sizes.append(len(got))
             more.append(reader.more)
         assert sizes == [4, 4, 2] and more == [True, True, False]
+        assert reader.backlog() == (0 if walk == "mapped" else None)
         # nothing left, and the fd says so: a level-triggered wait times out
         ready, _, _ = select.select([reader.epoll_fd()], [], [], 0.1)
         assert not ready
@@ -176,6 +177,8 @@ def test_a_cut_batch_is_continued_without_waiting(bpf_object: Factory) -> None:
     with RingReader(obj, max_records=4) as reader:
         test_run(obj.prog_fd("clv_tc_ingress"), eth4(ipv4(tcp(40000, 8080, b"x"))), repeat=10)
         assert len(reader.poll(0)) == 4 and reader.more
+        # 6 records of 88 + 1 bytes, each with an 8-byte header, 8-byte aligned
+        assert reader.backlog() == 6 * ((88 + 1 + 8 + 7) & ~7)
         real, reader._epoll = reader._epoll, _NoWait(reader._epoll)  # type: ignore[assignment]
         try:
             assert len(reader.poll(60_000)) == 4 and reader.more

@@ -129,6 +129,11 @@ class RingReader:
         self.malformed += bad
         return segments
 
+    def backlog(self) -> int | None:
+        """Bytes queued in the ring right now (mapped walk; None with libbpf's)."""
+        self._live()
+        return self._mapped.backlog() if self._mapped is not None else None
+
     def epoll_fd(self) -> int:
         """An fd that turns readable when the classifier wakes the reader."""
         return self._live().fileno()
@@ -225,6 +230,9 @@ class _MappedRing:
         # After every record is copied out: the kernel may overwrite from here.
         self._cons[0] = cons
         return out, bad, cons < prod
+
+    def backlog(self) -> int:
+        return int(self._prod[0] - self._cons[0])
 
     def close(self) -> None:
         self._cons.release()

@@ -142,6 +142,11 @@ def _add_attribute(attributes: Any, key: str, value: object) -> None:
         _logger.warning("dropping attribute %r: %s", key, exc)
 
 
+def _drop_attribute(key: str, exc: Exception) -> None:
+    # encode_spans' policy: lose the attribute, keep the span.
+    _logger.warning("dropping attribute %r: %s", key, exc)
+
+
 def _pair_fragment(key: str, value: Any) -> bytes:
     """Span(attributes=[key=value]) serialised; raises for an unencodable value."""
     fragment: bytes = PbSpan(
@@ -321,33 +326,16 @@ class ProtobufSpanEncoder:
         run = [self._status(span.status)]
         attributes = span.attributes
         if attributes:
-            cache = self._pairs
-            pairs = cache.pairs
-            volatile = cache.volatile
-            value: Any
-            for key, value in attributes.items():
-                vtype = type(value)
-                if vtype is str or vtype is int or vtype is bool:
-                    fragment = pairs.get((key, vtype, value))
-                elif vtype is list or vtype is tuple:
-                    try:
-                        fragment = pairs.get((key, vtype, tuple(value)))
-                    except TypeError:  # unhashable items: never cached
-                        fragment = None
-                else:
-                    fragment = None
-                if fragment is None and key not in volatile:
-                    try:
-                        fragment = cache.miss(key, vtype, value, _pair_fragment)
-                    except (TypeError, ValueError) as exc:
-                        _logger.warning("dropping attribute %r: %s", key, exc)
-                        continue
-                if fragment is not None:
-                    run.append(fragment)
+            for part in self._pairs.lookup(
+                attributes, _pair_fragment, (TypeError, ValueError), _drop_attribute
+            ):
+                if isinstance(part, bytes):
+                    run.append(part)
                     continue
                 if run:
                     out.MergeFromString(b"".join(run))
                     run = []
+                key, value = part
                 _add_attribute(out.attributes, key, value)
         if run:
             out.MergeFromString(b"".join(run))

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import IO, Any, Final, TextIO
+from typing import IO, Any, Final, TextIO, cast
 
 from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -211,38 +211,17 @@ def _pair_json(key: str, value: object) -> str:
 _pairs: Final[PairCache[str]] = PairCache()
 
 
+def _drop(key: str, exc: Exception) -> None:
+    # Same policy as encode_spans: lose the attribute, not the span.
+    _logger.warning("dropping attribute %r: %s", key, exc)
+
+
 def _attributes_json(attributes: Mapping[str, object] | None) -> str:
     """The comma-joined KeyValue objects, or "" when there are none."""
     if not attributes:
         return ""
-    cache = _pairs
-    pairs = cache.pairs
-    volatile = cache.volatile
-    out = []
-    value: Any
-    for key, value in attributes.items():
-        vtype = type(value)
-        if vtype is str or vtype is int or vtype is bool:
-            fragment = pairs.get((key, vtype, value))
-        elif vtype is list or vtype is tuple:
-            try:
-                fragment = pairs.get((key, vtype, tuple(value)))
-            except TypeError:  # unhashable items: never cached
-                fragment = None
-        else:
-            fragment = None
-        if fragment is None:
-            try:
-                if key not in volatile:
-                    fragment = cache.miss(key, vtype, value, _pair_json)
-                if fragment is None:
-                    fragment = _pair_json(key, value)
-            except _Unencodable as exc:
-                # Same policy as encode_spans: lose the attribute, not the span.
-                _logger.warning("dropping attribute %r: %s", key, exc)
-                continue
-        out.append(fragment)
-    return ",".join(out)
+    parts = _pairs.lookup(attributes, _pair_json, (_Unencodable,), _drop, encode_uncached=True)
+    return ",".join(cast("list[str]", parts))  # encode_uncached: fragments only
 
 
 def _resource_json(resource: Resource) -> str:

@@ -15,15 +15,16 @@ OTLP/protobuf and OTLP/JSON encoders share this policy:
 * past ``max_pairs`` entries the cache starts over rather than pay for LRU
   bookkeeping on every hit.
 
-The hot loop reads :attr:`pairs` and :attr:`volatile` directly (one dict and
-one set lookup per attribute) and calls :meth:`miss` for the rest. Not
-thread-safe on its own: an encoder owns one, or callers share it under the
-GIL knowing that a lost insert only costs a re-encode.
+:meth:`lookup` walks a span's attributes (one dict and one set lookup per
+attribute) and hands back fragments, in order, with the pairs it could not
+cache left for the encoder. Not thread-safe on its own: an encoder owns
+one, or callers share it under the GIL knowing that a lost insert only
+costs a re-encode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 F = TypeVar("F")
@@ -58,6 +59,52 @@ class PairCache(Generic[F]):
     @property
     def keys(self) -> int:
         return len(self._per_key)
+
+    def lookup(
+        self,
+        attributes: Mapping[str, Any],
+        encode: Callable[[str, Any], F],
+        errors: tuple[type[Exception], ...],
+        drop: Callable[[str, Exception], None],
+        *,
+        encode_uncached: bool = False,
+    ) -> list[F | tuple[str, Any]]:
+        """Every attribute as its fragment, in order; pairs not cached as (key, value).
+
+        Encodes and caches the pairs it may on the way; with
+        ``encode_uncached`` the others are encoded too (not cached), so the
+        list holds fragments only. A pair whose encoding raises one of
+        ``errors`` is left out and reported to ``drop``. (One loop for both
+        encoders, run once per span: a call per attribute would cost more
+        than the lookup it makes.)
+        """
+        pairs = self.pairs
+        volatile = self.volatile
+        out: list[F | tuple[str, Any]] = []
+        append = out.append
+        value: Any
+        for key, value in attributes.items():
+            vtype = type(value)
+            if vtype is str or vtype is int or vtype is bool:
+                fragment = pairs.get((key, vtype, value))
+            elif vtype is list or vtype is tuple:
+                try:
+                    fragment = pairs.get((key, vtype, tuple(value)))
+                except TypeError:  # unhashable items: never cached
+                    fragment = None
+            else:
+                fragment = None
+            if fragment is None:
+                try:
+                    if key not in volatile:
+                        fragment = self.miss(key, vtype, value, encode)
+                    if fragment is None and encode_uncached:
+                        fragment = encode(key, value)
+                except errors as exc:
+                    drop(key, exc)
+                    continue
+            append((key, value) if fragment is None else fragment)
+        return out
 
     def miss(
         self, key: str, vtype: type, value: Any, encode: Callable[[str, Any], F]

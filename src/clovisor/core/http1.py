@@ -774,7 +774,7 @@ def parse_head(kind: Kind, block: bytes, *, truncated: bool, header_bytes: int) 
         else:
             method_b, target_b, minor = m.groups()
             method = method_b.decode("ascii")
-            target = _text(target_b)
+            target = target_b.decode("latin-1")  # _text, inline: once per message
             version = "1.1" if minor == b"1" else "1.0"
     else:
         m = _STATUS_LINE.match(start)
@@ -802,7 +802,7 @@ def parse_head(kind: Kind, block: bytes, *, truncated: bool, header_bytes: int) 
             continue
         value_b = value_b.strip(b" \t")
         if isinstance(role, str):
-            recorded.append((role, _text(value_b)))
+            recorded.append((role, value_b.decode("latin-1")))  # _text, inline
         else:
             folded = _framing_field(role, value_b, kind, framing)
             if folded is None:

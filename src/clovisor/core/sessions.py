@@ -411,8 +411,11 @@ class HttpConnection(Connection):
             # Answered (or cut off) before its body was complete: count what we saw.
             request.packets = max(1, self._req_framer.message_packets)
             request.bytes = self._req_framer.message_bytes
-        if request in self._pending:
-            self._pending.remove(request)
+        pending = self._pending
+        if pending and pending[0] is request:
+            pending.popleft()  # the usual case: answered in order
+        elif request in pending:
+            pending.remove(request)
 
     def _pair(self, ack: int) -> _Pending | None:
         """The oldest unanswered request this response can answer.

@@ -51,6 +51,7 @@ _ADVANCE_NS = 250_000_000  # how often the tracker lets time pass (timeouts)
 # stages stop yielding after the bigger ones: a tracer that is behind takes
 # its fair share of the CPU. Once it has caught up the slices are small again.
 DRAIN_INTERVAL_MS = 10
+IDLE_INTERVAL_MS = 160  # the drain timer after empty drains (doubling from 10 ms)
 SLICE_RECORDS = 64
 MAX_SLICE_RECORDS = 4096
 BACKLOG_BYTES = 64 << 10  # more than this queued in the ring: the tracer is behind
@@ -311,8 +312,11 @@ class Tracer:
         reader = self._reader
         assert reader is not None
         try:
+            interval = DRAIN_INTERVAL_MS
             while not self._stop.is_set():
-                segs = reader.poll(DRAIN_INTERVAL_MS)
+                segs = reader.poll(interval)
+                # Idle, the timer backs off; the first record brings it back.
+                interval = DRAIN_INTERVAL_MS if segs else min(2 * interval, IDLE_INTERVAL_MS)
                 self._beat("ring")
                 self._track_slice(segs, out)
                 queued = reader.backlog()

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from . import __version__
 from .export import Exporter
@@ -32,8 +32,7 @@ if TYPE_CHECKING:
     from .pipeline import TracerSettings
 
 EXIT_USAGE = 2
-_REDIS_DEFAULT = "redis.clovisor:6379"
-_JAEGER_DEFAULT = "jaeger-collector.clovisor:4317"
+T = TypeVar("T")
 
 log = logging.getLogger("clovisor")
 
@@ -77,6 +76,8 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .agent.model import DEFAULT_REDIS, JaegerEndpoint
+
     p = _Parser(prog="clovisor", description="eBPF tracer: one span per HTTP/1.x exchange")
     p.add_argument("--version", action="version", version=f"clovisor {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -112,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "account, then ~/.kube/config)")
     a.add_argument("--redis", metavar="HOST:PORT",
                    help=f"Redis holding the configuration (default $CLOVISOR_REDIS or "
-                        f"{_REDIS_DEFAULT}); a redis://, rediss:// or unix:// URL too")
+                        f"{DEFAULT_REDIS}); a redis://, rediss:// or unix:// URL too")
     a.add_argument("--jaeger", metavar="HOST[:PORT]",
                    help=f"OTLP gRPC endpoint while Redis key clovisor_jaeger_server is unset "
-                        f"(default $CLOVISOR_JAEGER or {_JAEGER_DEFAULT})")
+                        f"(default $CLOVISOR_JAEGER or {JaegerEndpoint()})")
     _add_tracer_flags(a)
     _add_telemetry_flags(a)
 
@@ -340,14 +341,29 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setting(flag: str | None, flag_name: str, env: str, default: str) -> tuple[str, str]:
-    """(value, where it came from): the flag, else the environment, else the default."""
-    if flag is not None:
-        return flag, flag_name
-    value = os.environ.get(env, "").strip()
-    if value:
-        return value, f"{env}={value}"
-    return default, "default"
+def _setting(flag: str | None, flag_name: str, env: str, default: str,
+             parse: Callable[[str], T]) -> T:
+    """``parse`` of the flag, else the environment, else the default; a bad
+    value is a usage error naming where it came from."""
+    value, source = flag, flag_name
+    if value is None:
+        value = os.environ.get(env, "").strip()
+        source = f"{env}={value}"
+        if not value:
+            value, source = default, "default"
+    try:
+        return parse(value)
+    except SpecError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+
+
+def _node_name(text: str) -> str:
+    from .agent.redisconf import check_node_name
+
+    if not text:
+        raise UsageError("no node name: give --node or set MY_NODE_NAME "
+                         "(the downward API's spec.nodeName)")
+    return check_node_name(text)
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -356,30 +372,16 @@ def _agent(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         _require_root()
     from .agent.kube import KubeError, api_client
-    from .agent.redisconf import check_node_name, parse_jaeger, redis_url
+    from .agent.model import DEFAULT_REDIS
+    from .agent.redisconf import parse_jaeger, redis_url
     from .agent.runtime import Agent, AgentSettings
     from .export import ExporterConfigError
     from .kernel.errors import KernelError
 
     tracer_settings = _tracer_settings(args)
-    node, source = _setting(args.node, "--node", "MY_NODE_NAME", "")
-    if not node:
-        raise UsageError("no node name: give --node or set MY_NODE_NAME "
-                         "(the downward API's spec.nodeName)")
-    redis, redis_source = _setting(args.redis, "--redis", "CLOVISOR_REDIS", _REDIS_DEFAULT)
-    jaeger, jaeger_source = _setting(args.jaeger, "--jaeger", "CLOVISOR_JAEGER", _JAEGER_DEFAULT)
-    try:
-        check_node_name(node)
-    except SpecError as exc:
-        raise UsageError(f"{source}: {exc}") from None
-    try:
-        url = redis_url(redis)
-    except SpecError as exc:
-        raise UsageError(f"{redis_source}: {exc}") from None
-    try:
-        default_jaeger = parse_jaeger(jaeger)
-    except SpecError as exc:
-        raise UsageError(f"{jaeger_source}: {exc}") from None
+    node = _setting(args.node, "--node", "MY_NODE_NAME", "", _node_name)
+    url = _setting(args.redis, "--redis", "CLOVISOR_REDIS", DEFAULT_REDIS, redis_url)
+    default_jaeger = _setting(args.jaeger, "--jaeger", "CLOVISOR_JAEGER", "", parse_jaeger)
     try:
         api = api_client(args.kubeconfig)
     except KubeError as exc:

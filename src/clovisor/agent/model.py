@@ -93,6 +93,7 @@ class JaegerEndpoint:
 
 
 DEFAULT_LABELS = (LabelRule(namespace="default"),)
+DEFAULT_REDIS = "redis.clovisor:6379"  # where the agents find their configuration
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -44,12 +44,19 @@ import redis.exceptions
 import redis.retry
 
 from ..specs import SpecError, parse_egress
-from .model import DEFAULT_LABELS, AgentConfig, EgressRule, JaegerEndpoint, LabelRule
+from .model import (
+    DEFAULT_LABELS,
+    DEFAULT_REDIS,
+    AgentConfig,
+    EgressRule,
+    JaegerEndpoint,
+    LabelRule,
+)
 from .plugins import BUILTINS, check_protocol_name, check_reference
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "redis.clovisor:6379"
+DEFAULT_URL = DEFAULT_REDIS
 DEFAULT_REDIS_PORT = 6379
 
 KEY_LABELS = "clovisor_labels"

@@ -87,12 +87,6 @@ SpanFilter = Callable[[Sequence[ReadableSpan]], Sequence[ReadableSpan]]  # e.g. 
 Beat = Callable[[str], None]  # Health.beat: a loop made progress
 
 
-@dataclass(slots=True)
-class Batch:
-    segments: list[Segment]
-    now_ns: int  # CLOCK_MONOTONIC when the batch was read: the tracker's "now"
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Totals:
     segments: int
@@ -336,45 +330,42 @@ class Tracer:
                 self._track_slice(reader.poll(0), out)
                 if not reader.more:
                     break
-            self._emit_spans(self._guarded(self._flush), out)
+            self._emit(out, self._flush)
         except Exception:
             log.exception("ring reader failed")
         finally:
             out.close()
 
     def _track_slice(self, segs: list[Segment], out: Pipe[list[ReadableSpan]]) -> None:
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # the tracker's "now"
         if segs or now - self._last_advance >= _ADVANCE_NS:
-            self._emit_spans(self._guarded(lambda: self._track(Batch(segs, now))), out)
+            self._emit(out, lambda: self._track(segs, now))
 
-    def _guarded(self, fn: Callable[[], list[list[ReadableSpan]]]) -> list[list[ReadableSpan]]:
+    def _emit(self, out: Pipe[list[ReadableSpan]], fn: Callable[[], list[ReadableSpan]]) -> None:
         # A failing batch is logged and counted; it never stops the tracer.
         try:
-            return fn()
+            spans = fn()
         except Exception:
             self.tracker_errors += 1
             log.exception("tracker: handling a batch failed")
-            return []
-
-    @staticmethod
-    def _emit_spans(lists: list[list[ReadableSpan]], out: Pipe[list[ReadableSpan]]) -> None:
-        for spans in lists:
+            return
+        if spans:
             out.put(spans)
 
-    def _track(self, batch: Batch) -> list[list[ReadableSpan]]:
+    def _track(self, segs: list[Segment], now_ns: int) -> list[ReadableSpan]:
         self._beat("tracker")
         tracker = self.tracker
-        sessions = tracker.feed_many(batch.segments) if batch.segments else []
-        if batch.now_ns - self._last_advance >= _ADVANCE_NS:
-            self._last_advance = batch.now_ns
-            sessions += tracker.advance(batch.now_ns)
+        sessions = tracker.feed_many(segs) if segs else []
+        if now_ns - self._last_advance >= _ADVANCE_NS:
+            self._last_advance = now_ns
+            sessions += tracker.advance(now_ns)
             self._clock.resample_if_due()
         return self._spans(sessions)
 
-    def _flush(self) -> list[list[ReadableSpan]]:
+    def _flush(self) -> list[ReadableSpan]:
         return self._spans(self.tracker.close())
 
-    def _spans(self, sessions: list[Session]) -> list[list[ReadableSpan]]:
+    def _spans(self, sessions: list[Session]) -> list[ReadableSpan]:
         if not sessions:
             return []
         for observe in self._observers:
@@ -398,7 +389,7 @@ class Tracer:
         ]
         if self._span_filter is not None:
             spans = self._span_filter(spans)
-        return [list(spans)] if spans else []
+        return list(spans)
 
     def service_name(self, session: Session) -> str:
         """The ``service.name`` of the interface a session was seen on."""

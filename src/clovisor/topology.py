@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.client
 import itertools
 import json
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "Pod",
     "Topology",
     "TopologyError",
+    "http_get",
     "in_netns",
     "nsenter_prefix",
     "remove_stale",
@@ -134,6 +136,21 @@ def in_netns(name: str) -> Iterator[None]:
 def nsenter_prefix(ns: str) -> list[str]:
     """The argv prefix that runs a command inside namespace ``ns``."""
     return ["ip", "netns", "exec", ns]
+
+
+def http_get(ns: str, host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET ``path`` from inside ``ns``: (status, body), or (0, "") if nothing answers."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        with in_netns(ns):
+            conn.connect()  # the socket is made here, so it lives in ``ns``
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    except OSError:
+        return 0, ""
+    finally:
+        conn.close()
 
 
 def wait_for_port(ns: str, addr: str, port: int, timeout: float = 10.0) -> None:

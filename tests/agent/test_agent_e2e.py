@@ -18,7 +18,6 @@ clsact filters a killed agent left, and deletes the namespaces.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import signal
 import socket
@@ -35,7 +34,7 @@ import pytest
 import redis
 
 from clovisor.kernel.attach import Hook, cleanup, list_hooks
-from clovisor.topology import Pod, Topology, in_netns
+from clovisor.topology import Pod, Topology, http_get, in_netns
 from tests.export.receiver import GrpcReceiver
 
 from .kube_server import KubeServer, make_pod, make_service
@@ -99,17 +98,7 @@ class Node:
 
     def get(self, path: str) -> tuple[int, str]:
         """GET on the agent's status server (in the node namespace); 0 if it does not answer."""
-        conn = http.client.HTTPConnection("127.0.0.1", METRICS_PORT, timeout=2)
-        try:
-            with in_netns(self.ns):
-                conn.connect()  # the socket is made here, so it lives in the node namespace
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode()
-        except OSError:
-            return 0, ""
-        finally:
-            conn.close()
+        return http_get(self.ns, "127.0.0.1", METRICS_PORT, path, timeout=2)
 
     def in_node(self, fn: Callable[[], Any]) -> Any:
         with in_netns(self.ns):

@@ -10,7 +10,6 @@ Python demo server in the ``py`` pod.
 from __future__ import annotations
 
 import socket
-import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clovisor.topology import in_netns
+from clovisor.topology import http_get, in_netns
 from tests.export.receiver import GrpcReceiver, HttpReceiver, Receiver
 from tests.integration.conftest import PORT, SPAN_KIND_SERVER, STATUS_ERROR, Net, TracerFactory
 
@@ -35,17 +34,6 @@ def free_port(ns: str) -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def node_get(net: Net, url: str) -> tuple[int, str]:
-    """GET ``url`` from inside the node namespace (where the tracer listens)."""
-    with in_netns(net.topo.node_ns):
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(url, timeout=5) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
 
 
 @pytest.fixture
@@ -86,8 +74,9 @@ def test_grpc_and_http_at_once_with_resource_parent_and_metrics(
         "--metrics", f"127.0.0.1:{metrics_port}",
         "--route", "/bytes/{size}",
     )
-    assert node_get(net, f"http://127.0.0.1:{metrics_port}/healthz")[0] == 200
-    assert node_get(net, f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
+    ns = net.topo.node_ns  # where the tracer listens
+    assert http_get(ns, "127.0.0.1", metrics_port, "/healthz")[0] == 200
+    assert http_get(ns, "127.0.0.1", metrics_port, "/readyz")[0] == 200
 
     ids = [17, 256, 4096, 99, 5]
     for n in ids:
@@ -109,7 +98,7 @@ def test_grpc_and_http_at_once_with_resource_parent_and_metrics(
         assert r.wait_for_spans(total, timeout=15), (r.span_count(), t.stderr)
 
     # RED metrics scraped while the tracer runs, parsed by prometheus_client.
-    status, text = node_get(net, f"http://127.0.0.1:{metrics_port}/metrics")
+    status, text = http_get(ns, "127.0.0.1", metrics_port, "/metrics")
     assert status == 200
     fams = families(text)
     counts = {

@@ -427,3 +427,43 @@ def test_parser_plugin_is_reached_through_the_lookup() -> None:
     (s,) = run(segs)[0]
     assert s.protocol == 9 and s.protocol_name == "" and (s.request_bytes, s.response_bytes) == (
         8, 8)
+
+
+@pytest.mark.parametrize("keep", range(1 << 8))
+def test_every_pattern_of_lost_records(keep: int) -> None:
+    """Four keep-alive exchanges, any of their eight records lost (a full ring).
+
+    The receiver's ack shows what passed the hook, so a hole below it is
+    skipped at once, not held for the gap timeout; no response is paired
+    with another exchange's request; every exchange whose request and
+    response both arrived is a complete session.
+    """
+    c = Conversation()
+    segs = c.handshake()
+    delivered = []
+    for i in range(4):
+        req, resp = c.request(get(f"/{i}")), c.response(ok(status=f"200 X{i}"))
+        kept_req, kept_resp = bool(keep >> (2 * i) & 1), bool(keep >> (2 * i + 1) & 1)
+        segs += (req if kept_req else []) + (resp if kept_resp else [])
+        delivered.append(kept_req and kept_resp)
+    out, _ = run(segs + c.close())
+    paired = {
+        s.request.target: s.response.reason for s in out if s.request and s.response
+    }
+    assert all(reason == f"X{target[1:]}" for target, reason in paired.items()), paired
+    assert {f"/{i}" for i, d in enumerate(delivered) if d} <= set(paired)
+
+
+def test_hole_below_the_peers_ack_is_not_held() -> None:
+    """A lost request is skipped when the response acks it, not after the gap timeout."""
+    c = Conversation()
+    segs = c.handshake() + c.request(get("/0")) + c.response(ok())
+    c.request(get("/lost"))  # the ring lost it
+    segs += c.response(ok(b"for-lost"))  # its response acks it
+    segs += c.request(get("/2"))
+    t = Tracker()
+    out = t.feed_many(segs + c.response(ok(b"two")))
+    # No close, no timeout: /2 paired as soon as its response came.
+    assert [(s.request.target, s.response.body_size) for s in out if s.request and s.response] == [
+        ("/0", 5), ("/2", 3)]
+    assert t.stats.unpaired_responses == 1

@@ -60,6 +60,7 @@ class Trigger(_FastHash):
     CHUNK_DONE = enum.auto()
     FRAMING_LOST = enum.auto()
     GAP = enum.auto()
+    LOST = enum.auto()  # lost bytes (a full ring) inside a chunked body
     UPGRADED = enum.auto()
 
 
@@ -95,6 +96,11 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (S.CHUNK_TRAILER, T.GAP): S.CHUNK_SCAN,
     (S.CHUNK_SCAN, T.BODY_DONE): S.IDLE,
     (S.CHUNK_SCAN, T.GAP): S.CHUNK_SCAN,
+    # Where a chunked body ends cannot be known across lost bytes: it ends
+    # at the next visible message start.
+    (S.CHUNK_SIZE, T.LOST): S.BODY_UNKNOWN,
+    (S.CHUNK_TRAILER, T.LOST): S.BODY_UNKNOWN,
+    (S.CHUNK_SCAN, T.LOST): S.BODY_UNKNOWN,
     (S.BODY_CLOSE, T.GAP): S.BODY_CLOSE,
     (S.TUNNEL, T.SKIP): S.TUNNEL,
     (S.TUNNEL, T.GAP): S.TUNNEL,
@@ -217,6 +223,7 @@ class Framer:
         "_window",
         "ack",
         "in_message",
+        "lost_start",
         "max_header_bytes",
         "message_bytes",
         "message_packets",
@@ -243,6 +250,9 @@ class Framer:
         self._last_ts = 0
         self._window = b""  # last known bytes while scanning for the last chunk
         self.in_message = False
+        # Set when lost bytes (a full ring) came where a message may start;
+        # the connection clears it once it has accounted for that.
+        self.lost_start = False
         self.message_bytes = 0
         self.message_packets = 0
         self.ack = 0  # the ack number of the segment that started the message
@@ -354,7 +364,7 @@ class Framer:
         """Consume a prefix of the chunk; return what is left of it."""
         state = self._state
         if not chunk.data and state not in (State.BODY_LENGTH, State.CHUNK_DATA):
-            if state is State.IDLE:
+            if state is State.IDLE and not chunk.lost:
                 return self._unseen_start(chunk, ack)
             return self._gap(chunk)
         if state is State.IDLE or state is State.SEEK or state is State.BODY_UNKNOWN:
@@ -398,6 +408,18 @@ class Framer:
     def _gap(self, chunk: Chunk) -> Chunk | None:
         """Bytes whose content mattered but was not captured."""
         state = self._state
+        if chunk.lost:
+            if state is State.CHUNK_SIZE or state is State.CHUNK_TRAILER or (
+                state is State.CHUNK_SCAN
+            ):
+                self._account(chunk.length, chunk.ts_ns)
+                self._drop_buf()
+                self._window = b""
+                self._fire(Trigger.LOST)
+                self.lost_start = True
+                return None
+            if state is State.IDLE or state is State.SEEK or state is State.BODY_UNKNOWN:
+                self.lost_start = True  # a message may have begun in the lost bytes
         if state is State.HEADERS:
             self._account(chunk.length, chunk.ts_ns)
             self._head_done(self._buf, truncated=True)

@@ -37,6 +37,9 @@ class Chunk:
     ``offset`` is the absolute position in the half-stream (unwrapped, so it
     keeps growing past 4 GiB). ``data`` is a prefix of the ``length`` bytes;
     ``tail`` is a suffix of them when the prefix does not reach the end.
+    ``lost``: a hole, bytes the hook never reported (a full ring), as opposed
+    to bytes that went by beyond the captured prefix. ``ack``: the ack number
+    of the segment that brought the bytes (0 for a hole).
     """
 
     offset: int
@@ -45,6 +48,8 @@ class Chunk:
     tail: bytes
     ts_ns: int
     packets: int
+    lost: bool = False
+    ack: int = 0
 
     @property
     def end(self) -> int:
@@ -56,11 +61,15 @@ class Chunk:
 
     def split(self, n: int) -> tuple[Chunk, Chunk]:
         """The first n bytes and the rest (the rest counts no packets)."""
-        head = Chunk(self.offset, n, self.data[:n], b"", self.ts_ns, self.packets)
+        head = Chunk(
+            self.offset, n, self.data[:n], b"", self.ts_ns, self.packets, self.lost, self.ack
+        )
         rest_len = self.length - n
         rest_data = self.data[n:] if n < len(self.data) else b""
         rest_data = known_bytes(rest_data, self.tail, rest_len)
-        rest = Chunk(self.offset + n, rest_len, rest_data, self.tail, self.ts_ns, 0)
+        rest = Chunk(
+            self.offset + n, rest_len, rest_data, self.tail, self.ts_ns, 0, self.lost, self.ack
+        )
         return head, rest
 
     def ends_with(self, suffix: bytes) -> bool:
@@ -84,6 +93,7 @@ class HalfStream:
         "_limits",
         "_next_abs",
         "_next_seq",
+        "_peer_ack",
         "_pending",
         "duplicates",
         "gap_bytes",
@@ -96,6 +106,9 @@ class HalfStream:
         self._next_seq: int | None = None  # 32-bit sequence of the next byte
         self._next_abs = 0  # the same position, unwrapped
         self._pending: dict[int, Chunk] = {}  # by absolute offset, out of order
+        # The highest ack of the peer (32-bit): what the receiver has, and so
+        # what has passed the hook. A hole below it will never be filled.
+        self._peer_ack: int | None = None
         self.syn_seen = False
         self.duplicates = 0
         self.gap_bytes = 0
@@ -150,6 +163,7 @@ class HalfStream:
         tail: bytes,
         ts_ns: int,
         packets: int,
+        ack: int = 0,
     ) -> list[Chunk]:
         """Add a payload segment; return the chunks that are now in order."""
         if self._next_seq is None:
@@ -166,7 +180,9 @@ class HalfStream:
             trim = self._next_abs - offset
             data = data[trim:] if trim < len(data) else b""
             offset, length = self._next_abs, length - trim
-        chunk = Chunk(offset, length, known_bytes(data, tail, length), tail, ts_ns, packets)
+        chunk = Chunk(
+            offset, length, known_bytes(data, tail, length), tail, ts_ns, packets, False, ack
+        )
         if offset == self._next_abs:
             self._advance(end)
             if not self._pending:
@@ -186,12 +202,52 @@ class HalfStream:
         else:
             self.duplicates += 1
         out = self._drain()
+        if self._pending and self._peer_ack is not None:
+            out.extend(self._skip_acked())
         if len(self._pending) > self._limits.max_pending_segments:
             out.extend(self.skip_gap())
         elif self._pending:
             oldest = min(c.ts_ns for c in self._pending.values())
             if ts_ns - oldest > self._limits.gap_timeout_ns:
                 out.extend(self.skip_gap())
+        return out
+
+    def peer_acked(self, ack: int) -> list[Chunk]:
+        """The receiver acknowledged everything before ``ack``: holes there are lost.
+
+        The classifier sits on the path, so bytes the receiver has passed it:
+        if their record is missing, the ring lost it and no retransmission
+        will bring it. Skipping such a hole at once (rather than holding what
+        follows it for the gap timeout) keeps the exchanges after it.
+        """
+        if self._next_seq is None:
+            return []
+        peer = self._peer_ack
+        if peer is None or seq_diff(ack, peer) > 0:
+            self._peer_ack = peer = ack
+        if self._pending:
+            return self._skip_acked()
+        return []
+
+    def note_peer_ack(self, ack: int) -> None:
+        """:meth:`peer_acked` for a stream with no hole (the fast path)."""
+        if self._next_seq is not None:
+            self._peer_ack = ack
+
+    def _skip_acked(self) -> list[Chunk]:
+        assert self._peer_ack is not None
+        out: list[Chunk] = []
+        while self._pending:
+            assert self._next_seq is not None
+            acked = seq_diff(self._peer_ack, self._next_seq)
+            if acked <= 0:
+                break
+            first = min(self._pending)
+            hole = min(acked, first - self._next_abs)
+            self.gap_bytes += hole
+            out.append(Chunk(self._next_abs, hole, b"", b"", self._pending[first].ts_ns, 0, True))
+            self._advance(self._next_abs + hole)
+            out.extend(self._drain())
         return out
 
     def expire(self, now_ns: int) -> list[Chunk]:
@@ -214,7 +270,7 @@ class HalfStream:
         hole = first - self._next_abs
         ts = self._pending[first].ts_ns
         self.gap_bytes += hole
-        out = [Chunk(self._next_abs, hole, b"", b"", ts, 0)]
+        out = [Chunk(self._next_abs, hole, b"", b"", ts, 0, True)]
         self._advance(first)
         out.extend(self._drain())
         return out

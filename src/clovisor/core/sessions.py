@@ -14,6 +14,7 @@ from typing import Protocol as TypingProtocol
 
 from .budget import UNLIMITED, Budget
 from .events import (
+    ACK,
     FIN,
     RST,
     SYN,
@@ -69,14 +70,18 @@ class _Pending:
         "ended",
         "head",
         "packets",
+        "resp_ack",
         "start_seq",
         "start_ts",
     )
 
-    def __init__(self, head: Head, start_ts: int, start_seq: int) -> None:
+    def __init__(self, head: Head, start_ts: int, start_seq: int, resp_ack: int) -> None:
         self.head = head
         self.start_ts = start_ts
         self.start_seq = start_seq  # 32-bit sequence number of its first byte
+        # The client's ack when it sent the request: how much of the response
+        # stream it had (its response starts at or after this).
+        self.resp_ack = resp_ack
         self.ended = False
         self.answered = False  # a response head was paired with it
         # Content-Length states the size before the body is seen; answered
@@ -89,13 +94,20 @@ class _Pending:
 class Stats:
     """What all connections of a tracker share: counters and the byte budget."""
 
-    __slots__ = ("budget", "dropped_requests", "parse_errors", "unpaired_responses")
+    __slots__ = (
+        "budget",
+        "dropped_requests",
+        "lost_responses",
+        "parse_errors",
+        "unpaired_responses",
+    )
 
     def __init__(self, budget: Budget | None = None) -> None:
         self.budget = budget or Budget(UNLIMITED.limit)
         self.parse_errors = 0
         self.unpaired_responses = 0  # responses to requests we never saw
         self.dropped_requests = 0  # pending requests beyond the per-connection limit
+        self.lost_responses = 0  # requests whose response the tracer lost (ring full)
 
 
 _SYN_FIN_RST = SYN | FIN | RST
@@ -136,8 +148,13 @@ class Connection:
     def feed(self, seg: Segment) -> None:
         self.last_ts = seg.ts_ns
         is_req = seg.direction is Direction.REQUEST
-        stream = self.req if is_req else self.resp
+        stream, other = (self.req, self.resp) if is_req else (self.resp, self.req)
         flags = seg.flags
+        if flags & ACK:
+            # First what the peer's ack says is lost on the other side: the
+            # exchanges there go before what this segment brings.
+            for chunk in other.peer_acked(seg.ack):
+                self.on_chunk(not is_req, chunk, chunk.ack)
         if flags & SYN:
             stream.syn(seg.seq)
         if seg.payload_len:
@@ -149,15 +166,16 @@ class Connection:
                 seg.tail,
                 seg.ts_ns,
                 seg.packets,
+                seg.ack,
             )
             for chunk in chunks:
-                self.on_chunk(is_req, chunk, seg.ack)
+                self.on_chunk(is_req, chunk, chunk.ack)
         if flags & RST:
             self.reset = True
             self.on_end(Outcome.RESET, seg.ts_ns)
         elif flags & FIN:
             for chunk in stream.flush():
-                self.on_chunk(is_req, chunk, seg.ack)
+                self.on_chunk(is_req, chunk, chunk.ack)
             if is_req:
                 self.fin_client = True
             else:
@@ -169,16 +187,16 @@ class Connection:
     def expire(self, now_ns: int) -> None:
         """Give up on holes that waited too long."""
         for chunk in self.req.expire(now_ns):
-            self.on_chunk(True, chunk, 0)
+            self.on_chunk(True, chunk, chunk.ack)
         for chunk in self.resp.expire(now_ns):
-            self.on_chunk(False, chunk, 0)
+            self.on_chunk(False, chunk, chunk.ack)
 
     def flush_and_end(self, outcome: Outcome, ts_ns: int) -> None:
         """The connection is being dropped (idle, evicted, shutdown)."""
         for chunk in self.req.flush():
-            self.on_chunk(True, chunk, 0)
+            self.on_chunk(True, chunk, chunk.ack)
         for chunk in self.resp.flush():
-            self.on_chunk(False, chunk, 0)
+            self.on_chunk(False, chunk, chunk.ack)
         self.on_end(outcome, ts_ns)
         self.release()
 
@@ -253,7 +271,15 @@ class TcpConnection(Connection):
 class HttpConnection(Connection):
     """HTTP/1.x: a FIFO of requests, each paired with the next response."""
 
-    __slots__ = ("_current", "_fast", "_max_pending", "_pending", "_req_framer", "_resp_framer")
+    __slots__ = (
+        "_current",
+        "_fast",
+        "_max_pending",
+        "_pending",
+        "_req_framer",
+        "_resp_framer",
+        "_resync",
+    )
 
     def __init__(
         self,
@@ -286,6 +312,9 @@ class HttpConnection(Connection):
         self._pending: deque[_Pending] = deque()
         self._current: tuple[_Pending, Head, int] | None = None  # request, response head, ts
         self._max_pending = max_pending
+        # A response went unpaired: requests that surface later (from behind
+        # a hole) may already have had theirs.
+        self._resync = False
 
     def feed(self, seg: Segment) -> None:
         # The common segment: payload, next in order, no SYN/FIN/RST. It skips
@@ -297,10 +326,15 @@ class HttpConnection(Connection):
             super().feed(seg)
             return
         is_req = seg.direction is Direction.REQUEST
-        offset = (self.req if is_req else self.resp).take_next(seg.seq & 0xFFFFFFFF, length)
+        stream, other = (self.req, self.resp) if is_req else (self.resp, self.req)
+        if other.has_pending or not seg.flags & ACK:
+            super().feed(seg)
+            return
+        offset = stream.take_next(seg.seq & 0xFFFFFFFF, length)
         if offset is None:
             super().feed(seg)
             return
+        other.note_peer_ack(seg.ack)
         self.last_ts = seg.ts_ns
         tail = seg.tail
         (self._req_framer if is_req else self._resp_framer).feed_run(
@@ -320,13 +354,17 @@ class HttpConnection(Connection):
                 self._pending.popleft()
                 self.stats.dropped_requests += 1
             start_seq = self.req.seq_at(self._req_framer.start_offset)
-            self._pending.append(_Pending(head, ts_ns, start_seq))
+            self._pending.append(_Pending(head, ts_ns, start_seq, ack))
             return None
+        if self._resp_framer.lost_start or self._resync:
+            self._resp_framer.lost_start = self._resync = False
+            self._drop_unanswered()
         if 100 <= head.status_code < 200 and head.status_code != 101:
             return None  # interim: the final response answers the request
         request = self._pair(ack)
         if request is None:
             self.stats.unpaired_responses += 1
+            self._resync = True
             self._current = None
             return None
         request.answered = True
@@ -416,6 +454,26 @@ class HttpConnection(Connection):
             pending.popleft()  # the usual case: answered in order
         elif request in pending:
             pending.remove(request)
+
+    def _drop_unanswered(self) -> None:
+        """A response was lost or unpaired: drop the requests it answered.
+
+        A request's response starts at or after the client's ack when it
+        sent it, and a client that waits for each response acks all of the
+        previous one. So a request whose ack lies before the response
+        starting now was answered in the lost bytes. Pairing it with this
+        response would be wrong; it is counted and dropped. (A pipelining
+        client sends requests before earlier responses arrive: a loss then
+        costs the requests in flight, never a wrong pairing.)
+        """
+        pending = self._pending
+        at = self.resp.seq_at(self._resp_framer.start_offset)
+        while pending:
+            q = pending[0]
+            if q.answered or not q.resp_ack or seq_diff(q.resp_ack, at) >= 0:
+                return
+            pending.popleft()
+            self.stats.lost_responses += 1
 
     def _pair(self, ack: int) -> _Pending | None:
         """The oldest unanswered request this response can answer.

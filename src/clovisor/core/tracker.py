@@ -61,6 +61,11 @@ class TrackerStats:
         return self._conn_stats.dropped_requests
 
     @property
+    def lost_responses(self) -> int:
+        """Requests dropped because their response was among lost records."""
+        return self._conn_stats.lost_responses
+
+    @property
     def buffered_bytes(self) -> int:
         return self._conn_stats.budget.used
 
@@ -77,6 +82,7 @@ class TrackerStats:
             "parse_errors": self.parse_errors,
             "unpaired_responses": self.unpaired_responses,
             "dropped_requests": self.dropped_requests,
+            "lost_responses": self.lost_responses,
             "buffered_bytes": self.buffered_bytes,
             "budget_refusals": self.budget_refusals,
         }

@@ -291,3 +291,25 @@ def test_parse_listen_address_errors(bad: str) -> None:
     with pytest.raises(SpecError) as exc:
         parse_listen_address(bad)
     assert "\n" not in str(exc.value) and repr(bad) in str(exc.value)
+
+
+def test_lost_responses_reach_the_scrape_as_a_counter() -> None:
+    """A response the ring lost is counted by the tracker and scraped from the Tracer."""
+    from clovisor.core.events import Direction
+    from clovisor.pipeline import Tracer, TracerSettings
+    from tests.core.wire import Conversation
+
+    c = Conversation()
+    get = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    segs = c.handshake() + c.request(get)
+    c.send(Direction.RESPONSE, ok)  # the ring lost it
+    segs += c.request(get) + c.response(ok)
+    tracer = Tracer(TracerSettings(), [])
+    sessions = tracer.tracker.feed_many(segs)
+    assert len(sessions) == 1
+    m = Metrics()
+    m.register_health(tracer.health_stats)
+    fam = families(m)["clovisor_lost_responses"]
+    assert fam.type == "counter"
+    assert fam.samples[0].value == 1

@@ -29,7 +29,8 @@ Agent health, read from the runtime at scrape time (see
 ``clovisor_segments_total``, ``clovisor_events_lost_total``,
 ``clovisor_parse_errors_total``, ``clovisor_malformed_records_total``,
 ``clovisor_sessions_emitted_total``, ``clovisor_connections_evicted_total``,
-``clovisor_spans_exported_total``, ``clovisor_spans_failed_total``,
+``clovisor_lost_responses_total``, ``clovisor_spans_exported_total``,
+``clovisor_spans_failed_total``,
 ``clovisor_spans_dropped_total``, ``clovisor_spans_sampled_out_total``,
 ``clovisor_export_queue_size``, ``clovisor_tracked_connections``,
 ``clovisor_buffered_bytes``; plus ``clovisor_build_info{version}``.
@@ -119,6 +120,11 @@ HEALTH_METRICS: Final[Mapping[str, tuple[str, str, str]]] = {
         "clovisor_connections_evicted",
         "counter",
         "Tracked connections evicted because the connection table was full.",
+    ),
+    "lost_responses": (
+        "clovisor_lost_responses",
+        "counter",
+        "Requests not reported because their response was in records the ring lost.",
     ),
     "spans_exported": ("clovisor_spans_exported", "counter", "Spans the exporters accepted."),
     "spans_failed": ("clovisor_spans_failed", "counter", "Spans an exporter failed to deliver."),

@@ -407,6 +407,7 @@ class Tracer:
             "malformed_records": t.malformed_records,
             "sessions": t.sessions,
             "connections_evicted": stats.evicted,
+            "lost_responses": stats.lost_responses,
             "tracked_connections": len(self.tracker),
             "buffered_bytes": stats.buffered_bytes,
         }

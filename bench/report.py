@@ -177,6 +177,7 @@ COLUMNS = (
     ("requests", "requests"), ("server", "server_requests"), ("traced", "traced"),
     ("compl.", "completeness"), ("compl.srv", "completeness_server"),
     ("lost", "events_lost"), ("CPU µs/req", "cpu_us_per_req"),
+    ("CPU µs/traced", "cpu_us_per_traced"),
     ("CPU s/1k", "cpu_s_per_1k_req"), ("core %", "cpu_core_pct"),
     ("RSS MiB", "peak_rss_mib"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"),
     ("p99 vs base", "p99_overhead"), ("rps vs base", "rps_ratio"),
@@ -195,7 +196,7 @@ def _fmt(key: str, v: Any) -> str:
         return f"{v:.3f}"
     if key in ("achieved_rps", "kernel_ns_per_run"):
         return f"{v:,.0f}"
-    if key in ("cpu_us_per_req", "cpu_core_pct", "peak_rss_mib"):
+    if key in ("cpu_us_per_req", "cpu_us_per_traced", "cpu_core_pct", "peak_rss_mib"):
         return f"{v:.1f}"
     if key == "cpu_s_per_1k_req":
         return f"{v:.4f}"
@@ -204,6 +205,13 @@ def _fmt(key: str, v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+def cpu_per_traced(r: Run) -> float | None:
+    """CPU per session (or response) the tracer reported: past capacity, CPU per
+    request only says how little of the traffic it got to."""
+    cpu, traced = r.get("cpu_s"), r.get("traced")
+    return cpu / traced * 1e6 if cpu is not None and traced else None
 
 
 def rows(runs: Sequence[Run]) -> list[list[str]]:
@@ -216,6 +224,7 @@ def rows(runs: Sequence[Run]) -> list[list[str]]:
             "p99_overhead": p99_overhead(r, b) if r["scenario"] != "untraced" else None,
             "rps_ratio": (r["achieved_rps"] / b["achieved_rps"]
                           if b and b["achieved_rps"] and r["scenario"] != "untraced" else None),
+            "cpu_us_per_traced": cpu_per_traced(r),
         }
         out.append([_fmt(k, extra[k] if k in extra else r.get(k)) for _, k in COLUMNS])
     return out
@@ -253,7 +262,7 @@ def markdown(result: dict[str, Any]) -> str:
         "- CPU = utime+stime of the tracer (tshark: with dumpcap) from just before the client"
         " starts until it has drained (went quiet; if not within 30 s, until it exited);"
         " core % = CPU / client run time;"
-        " CPU µs/req = CPU / requests",
+        " CPU µs/req = CPU / requests; CPU µs/traced = CPU / traced",
         "- kernel ns/pkt = run_time_ns / run_cnt of clv_tc_ingress + clv_tc_egress"
         " (kernel.bpf_stats_enabled=1 during the clovisor runs only)",
         "- busy cores = the whole machine's busy CPUs while the client ran"

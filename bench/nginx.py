@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
-from clovisor.topology import in_netns
+from clovisor.topology import http_get
 
 PORT = 8080  # traced
 STATUS_PORT = 8081  # nginx stub_status: the server's own request count, never traced
@@ -55,7 +54,7 @@ def argv(conf: Path) -> list[str]:
     return ["nginx", "-c", str(conf), "-e", str(conf.parent / "error.log")]
 
 
-_REQUESTS = re.compile(rb"\n\s*\d+\s+\d+\s+(\d+)\s*\n")
+_REQUESTS = re.compile(r"\n\s*\d+\s+\d+\s+(\d+)\s*\n")
 
 
 def handled_requests(netns: str, addr: str, timeout: float = 5.0) -> int:
@@ -63,16 +62,8 @@ def handled_requests(netns: str, addr: str, timeout: float = 5.0) -> int:
 
     The answer counts the status request itself.
     """
-    with in_netns(netns):
-        sock = socket.create_connection((addr, STATUS_PORT), timeout=timeout)
-    try:
-        sock.sendall(b"GET /status HTTP/1.0\r\nHost: bench\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
-    finally:
-        sock.close()
-    m = _REQUESTS.search(data)
+    status, body = http_get(netns, addr, STATUS_PORT, "/status", timeout)
+    m = _REQUESTS.search(body) if status == 200 else None
     if m is None:
-        raise RuntimeError(f"unexpected stub_status answer: {data!r}")
+        raise RuntimeError(f"unexpected stub_status answer: {status} {body!r}")
     return int(m.group(1))

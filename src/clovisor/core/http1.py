@@ -250,8 +250,8 @@ class Framer:
         self._last_ts = 0
         self._window = b""  # last known bytes while scanning for the last chunk
         self.in_message = False
-        # Set when lost bytes (a full ring) came where a message may start;
-        # the connection clears it once it has accounted for that.
+        # Set when lost bytes (a full ring) went by: messages may have been
+        # in them. The connection clears it once it has accounted for that.
         self.lost_start = False
         self.message_bytes = 0
         self.message_packets = 0
@@ -408,7 +408,16 @@ class Framer:
     def _gap(self, chunk: Chunk) -> Chunk | None:
         """Bytes whose content mattered but was not captured."""
         state = self._state
+        if state is State.HEADERS:
+            self._account(chunk.length, chunk.ts_ns)
+            self._head_done(self._buf, truncated=True)
+            # Past the end of the cut-off head, whole messages may have been
+            # lost: that is news for the heads after this one.
+            self.lost_start = self.lost_start or chunk.lost
+            return None
         if chunk.lost:
+            # Whole messages may lie in the lost bytes; the connection decides.
+            self.lost_start = True
             if state is State.CHUNK_SIZE or state is State.CHUNK_TRAILER or (
                 state is State.CHUNK_SCAN
             ):
@@ -416,14 +425,7 @@ class Framer:
                 self._drop_buf()
                 self._window = b""
                 self._fire(Trigger.LOST)
-                self.lost_start = True
                 return None
-            if state is State.IDLE or state is State.SEEK or state is State.BODY_UNKNOWN:
-                self.lost_start = True  # a message may have begun in the lost bytes
-        if state is State.HEADERS:
-            self._account(chunk.length, chunk.ts_ns)
-            self._head_done(self._buf, truncated=True)
-            return None
         if state is State.CHUNK_SIZE or state is State.CHUNK_TRAILER:
             self._account(chunk.length, chunk.ts_ns)
             self._lost(chunk)

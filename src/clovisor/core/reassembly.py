@@ -222,9 +222,8 @@ class HalfStream:
         """
         if self._next_seq is None:
             return []
-        peer = self._peer_ack
-        if peer is None or seq_diff(ack, peer) > 0:
-            self._peer_ack = peer = ack
+        if self._peer_ack is None or seq_diff(ack, self._peer_ack) > 0:
+            self._peer_ack = ack
         if self._pending:
             return self._skip_acked()
         return []
@@ -243,11 +242,7 @@ class HalfStream:
             if acked <= 0:
                 break
             first = min(self._pending)
-            hole = min(acked, first - self._next_abs)
-            self.gap_bytes += hole
-            out.append(Chunk(self._next_abs, hole, b"", b"", self._pending[first].ts_ns, 0, True))
-            self._advance(self._next_abs + hole)
-            out.extend(self._drain())
+            out.extend(self._lose(min(self._next_abs + acked, first), first))
         return out
 
     def expire(self, now_ns: int) -> list[Chunk]:
@@ -267,11 +262,17 @@ class HalfStream:
         if not self._pending:
             return []
         first = min(self._pending)
-        hole = first - self._next_abs
-        ts = self._pending[first].ts_ns
+        return self._lose(first, first)
+
+    def _lose(self, end: int, first: int) -> list[Chunk]:
+        """Bytes from the cursor to ``end`` are lost: a hole chunk spans them, then drain.
+
+        ``first`` is the first held offset; the hole takes its timestamp.
+        """
+        hole = end - self._next_abs
         self.gap_bytes += hole
-        out = [Chunk(self._next_abs, hole, b"", b"", ts, 0, True)]
-        self._advance(first)
+        out = [Chunk(self._next_abs, hole, b"", b"", self._pending[first].ts_ns, 0, True)]
+        self._advance(end)
         out.extend(self._drain())
         return out
 

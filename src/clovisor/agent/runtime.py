@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..export import Exporter
@@ -50,6 +50,20 @@ RETIRE_TIMEOUT = 5.0  # how long a replaced exporter may flush at shutdown
 UNRESOLVED_WARN = 10.0  # a pod without a veth this long is worth a warning
 
 NOT_SYNCED = "waiting for the Kubernetes API (pods and services not listed yet)"
+
+
+@dataclass(slots=True)
+class Waiting:
+    """Pods still waiting for their host-side veth, and since when (the caller's clock)."""
+
+    warn_after: float = UNRESOLVED_WARN
+    _since: dict[str, float] = field(default_factory=dict)
+
+    def update(self, keys: Iterable[str], now: float) -> list[tuple[str, bool]]:
+        """Each key still waiting, and whether it has waited ``warn_after`` or longer.
+        A key that drops out forgets its wait: if it comes back, it starts again."""
+        self._since = {key: self._since.get(key, now) for key in keys}
+        return [(key, now - since >= self.warn_after) for key, since in self._since.items()]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,7 +127,7 @@ class Agent:
         self._proto_cfg: tuple[tuple[str, str], ...] = ()
         self._retiring: list[threading.Thread] = []
         self._noted: dict[str, str] = {}  # pod key -> what was logged about it (once)
-        self._unresolved_since: dict[str, float] = {}  # pod key -> monotonic time
+        self._waiting = Waiting()
         self._traced = 0
         self._unresolved = 0
         self._failed = False
@@ -213,13 +227,9 @@ class Agent:
         owners = {name: self.reconciler.owner(name) for name in self.reconciler.applied}
         result = self.reconciler.apply(desired.targets)
         self._ifaces.retain(t.pod_ip for t in desired.targets.values())
-        now = time.monotonic()
-        self._unresolved_since = {
-            key: self._unresolved_since.get(key, now) for key in result.unresolved
-        }
-        for key, since in self._unresolved_since.items():
+        for key, overdue in self._waiting.update(result.unresolved, time.monotonic()):
             ip = desired.targets[key].pod_ip
-            if now - since < UNRESOLVED_WARN:
+            if not overdue:
                 self._note(key, f"pod {key} ({ip}): no host-side veth found on this node yet; "
                                 "retrying")
             else:

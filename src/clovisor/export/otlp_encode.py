@@ -114,8 +114,7 @@ def _key_values(attributes: Mapping[str, object] | None) -> list[KeyValue]:
             try:
                 out.append(KeyValue(key=key, value=_any_value(value)))
             except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-                # encode_spans' policy: lose the attribute, keep the span.
-                _logger.warning("dropping attribute %r: %s", key, exc)
+                drop_attribute(key, exc)
     return out
 
 
@@ -137,13 +136,12 @@ def _add_attribute(attributes: Any, key: str, value: object) -> None:
         else:
             kv.value.CopyFrom(_any_value(value))
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-        # encode_spans' policy: lose the attribute, keep the span.
         del attributes[-1]
-        _logger.warning("dropping attribute %r: %s", key, exc)
+        drop_attribute(key, exc)
 
 
-def _drop_attribute(key: str, exc: Exception) -> None:
-    # encode_spans' policy: lose the attribute, keep the span.
+def drop_attribute(key: str, exc: Exception) -> None:
+    """encode_spans' policy, which every encoder here keeps: lose the attribute, keep the span."""
     _logger.warning("dropping attribute %r: %s", key, exc)
 
 
@@ -327,7 +325,7 @@ class ProtobufSpanEncoder:
         attributes = span.attributes
         if attributes:
             for part in self._pairs.lookup(
-                attributes, _pair_fragment, (TypeError, ValueError), _drop_attribute
+                attributes, _pair_fragment, (TypeError, ValueError), drop_attribute
             ):
                 if isinstance(part, bytes):
                     run.append(part)

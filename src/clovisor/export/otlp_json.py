@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import math
 import os
 import sys
@@ -38,6 +37,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
 from clovisor.export import ExporterConfigError, ExportError
+from clovisor.export.otlp_encode import drop_attribute
 from clovisor.export.paircache import PairCache
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "spans_to_otlp_json",
 ]
 
-_logger = logging.getLogger(__name__)
 
 _SPAN_ID_FIELDS: Final = ("traceId", "spanId", "parentSpanId")
 _LINK_ID_FIELDS: Final = ("traceId", "spanId")
@@ -211,16 +210,13 @@ def _pair_json(key: str, value: object) -> str:
 _pairs: Final[PairCache[str]] = PairCache()
 
 
-def _drop(key: str, exc: Exception) -> None:
-    # Same policy as encode_spans: lose the attribute, not the span.
-    _logger.warning("dropping attribute %r: %s", key, exc)
-
-
 def _attributes_json(attributes: Mapping[str, object] | None) -> str:
     """The comma-joined KeyValue objects, or "" when there are none."""
     if not attributes:
         return ""
-    parts = _pairs.lookup(attributes, _pair_json, (_Unencodable,), _drop, encode_uncached=True)
+    parts = _pairs.lookup(
+        attributes, _pair_json, (_Unencodable,), drop_attribute, encode_uncached=True
+    )
     return ",".join(cast("list[str]", parts))  # encode_uncached: fragments only
 
 

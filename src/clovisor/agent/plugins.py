@@ -58,7 +58,8 @@ itself (or give up on the connection).
 What a parser emits: it appends :class:`~clovisor.core.events.Session`
 records to ``out``, one per exchange, with ``start_ns`` (first request
 byte) and ``end_ns`` (last response byte), an ``outcome``, and request and
-response packet/byte counts; the address fields come from ``endpoints``.
+response packet/byte counts; ``endpoints.session(...)`` fills in the
+address fields.
 The exporters turn each into one span. ``Session.request``/``response``
 are HTTP-shaped today, so a non-HTTP plugin leaves them ``None``.
 

@@ -154,19 +154,10 @@ class LineConnection(Connection):
         end_ns: int,
         outcome: Outcome,
     ) -> None:
-        e = self.endpoints
         start_ns, req_bytes, req_packets = request
         _, resp_bytes, resp_packets = response or (0, 0, 0)
         self.out.append(
-            Session(
-                role=e.role,
-                protocol=e.protocol,
-                ifindex=e.ifindex,
-                family=e.family,
-                client_addr=e.client_addr,
-                client_port=e.client_port,
-                server_addr=e.server_addr,
-                server_port=e.server_port,
+            self.endpoints.session(
                 start_ns=start_ns,
                 end_ns=max(end_ns, start_ns),
                 outcome=outcome,

@@ -98,7 +98,7 @@ class Node:
 
     def get(self, path: str) -> tuple[int, str]:
         """GET on the agent's status server (in the node namespace); 0 if it does not answer."""
-        return http_get(self.ns, "127.0.0.1", METRICS_PORT, path, timeout=2)
+        return http_get(self.ns, "127.0.0.1", METRICS_PORT, path, timeout=10)
 
     def in_node(self, fn: Callable[[], Any]) -> Any:
         with in_netns(self.ns):
@@ -504,7 +504,7 @@ def test_killed_agent_restarted_leaves_no_duplicate_or_stale_hooks(
     wait_traced(node, "web")
     assert not node.hooks("api")  # stale: its pod is gone
     if mode == "clsact":
-        assert "removed a hook left by an earlier agent: clva1 ingress tc filter" in second.log
+        second.wait_log("removed a hook left by an earlier agent: clva1 ingress tc filter")
     hooks = node.hooks("web")
     assert len(hooks) == 2 and {h.mode for h in hooks} == {mode}, hooks
     node.curl("web", "/again")

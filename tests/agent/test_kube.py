@@ -41,7 +41,7 @@ FAST: dict[str, Any] = {
 }
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -499,7 +499,7 @@ def test_stop_is_prompt(server: KubeServer, api: k8s_client.ApiClient) -> None:
     assert server.wait_for(lambda: len(server.watch_requests("services")) == 1)
     t0 = time.monotonic()
     w.stop()
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 2.0  # not the 300 s watch
     assert all(r.thread is not None and not r.thread.is_alive() for r in w._reflectors)
     # The watch connections were closed, not left for the server to time out.
     assert server.wait_for(lambda: server.active_watches() == 0, 1.0)
@@ -513,7 +513,7 @@ def test_stop_while_api_down_is_prompt(server: KubeServer, api: k8s_client.ApiCl
     assert wait_until(lambda: w.stats.errors >= 2)  # both now sleeping in backoff
     t0 = time.monotonic()
     w.stop()
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 2.0  # not the 5 s backoff
 
 
 def test_rejects_empty_node_name(api: k8s_client.ApiClient) -> None:

@@ -14,6 +14,7 @@ when starting them, never by name.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import signal
@@ -249,8 +250,10 @@ def load_spans(path: Path) -> list[Span]:
     """Every span in an OTLP/JSON lines file, decoded with the official protobuf messages."""
     if not path.exists():
         return []
+    # Polled while the tracer writes: a last line without its newline is still being written.
+    text = path.read_text(encoding="utf-8")
     spans: list[Span] = []
-    for req in read_otlp_json(path):
+    for req in read_otlp_json(io.StringIO(text[: text.rfind("\n") + 1])):
         for rs in req.resource_spans:
             resource = {kv.key: _any_value(kv.value) for kv in rs.resource.attributes}
             for ss in rs.scope_spans:

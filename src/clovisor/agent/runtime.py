@@ -57,7 +57,7 @@ class Waiting:
     """Pods still waiting for their host-side veth, and since when (the caller's clock)."""
 
     warn_after: float = UNRESOLVED_WARN
-    _since: dict[str, float] = field(default_factory=dict)
+    _since: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def update(self, keys: Iterable[str], now: float) -> list[tuple[str, bool]]:
         """Each key still waiting, and whether it has waited ``warn_after`` or longer.

@@ -429,20 +429,27 @@ def test_parser_plugin_is_reached_through_the_lookup() -> None:
         8, 8)
 
 
+@pytest.mark.parametrize("head_at", [None, 1], ids=["get", "head"])
 @pytest.mark.parametrize("keep", range(1 << 8))
-def test_every_pattern_of_lost_records(keep: int) -> None:
+def test_every_pattern_of_lost_records(keep: int, head_at: int | None) -> None:
     """Four keep-alive exchanges, any of their eight records lost (a full ring).
 
     The receiver's ack shows what passed the hook, so a hole below it is
     skipped at once, not held for the gap timeout; no response is paired
     with another exchange's request; every exchange whose request and
-    response both arrived is a complete session.
+    response both arrived is a complete session. With ``head_at``, that
+    exchange is a HEAD whose answer announces 4096 body bytes it never sends:
+    when the HEAD is lost, what follows its answer is still seen.
     """
     c = Conversation()
     segs = c.handshake()
     delivered = []
     for i in range(4):
-        req, resp = c.request(get(f"/{i}")), c.response(ok(status=f"200 X{i}"))
+        if i == head_at:
+            head_ok = f"HTTP/1.1 200 X{i}\r\nContent-Length: 4096\r\n\r\n".encode()
+            req, resp = c.request(b"HEAD" + get(f"/{i}")[3:]), c.response(head_ok)
+        else:
+            req, resp = c.request(get(f"/{i}")), c.response(ok(status=f"200 X{i}"))
         kept_req, kept_resp = bool(keep >> (2 * i) & 1), bool(keep >> (2 * i + 1) & 1)
         segs += (req if kept_req else []) + (resp if kept_resp else [])
         delivered.append(kept_req and kept_resp)
@@ -452,6 +459,33 @@ def test_every_pattern_of_lost_records(keep: int) -> None:
     }
     assert all(reason == f"X{target[1:]}" for target, reason in paired.items()), paired
     assert {f"/{i}" for i, d in enumerate(delivered) if d} <= set(paired)
+
+
+def test_the_answer_to_a_lost_head_does_not_swallow_the_next_response() -> None:
+    """It announces a body it never sends; the response right after it is not that body."""
+    c = Conversation()
+    segs = c.handshake()
+    c.request(b"HEAD" + get("/lost-head")[3:])  # the ring lost it
+    segs += c.response(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+    for i in range(3):
+        segs += c.request(get(f"/{i}")) + c.response(ok(b"x" * i))
+    t = Tracker()
+    out = t.feed_many(segs)
+    assert [(s.request.target, s.response.body_size) for s in out if s.request and s.response] == [
+        ("/0", 0), ("/1", 1), ("/2", 2)]
+    assert t.stats.unpaired_responses == 1 and t.stats.parse_errors == 0
+
+
+def test_the_answer_to_a_lost_get_keeps_its_body() -> None:
+    """Its body is counted as announced, so the response after it is found where it starts."""
+    c = Conversation()
+    segs = c.handshake()
+    c.request(get("/lost-get"))  # the ring lost it
+    segs += c.response(ok(b"y" * 1000))
+    segs += c.request(get("/next")) + c.response(ok(b"two"))
+    out = Tracker().feed_many(segs)
+    assert [(s.request.target, s.response.body_size) for s in out if s.request and s.response] == [
+        ("/next", 3)]
 
 
 def test_hole_below_the_peers_ack_is_not_held() -> None:

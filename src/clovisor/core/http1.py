@@ -61,6 +61,7 @@ class Trigger(_FastHash):
     FRAMING_LOST = enum.auto()
     GAP = enum.auto()
     LOST = enum.auto()  # lost bytes (a full ring) inside a chunked body
+    NO_BODY = enum.auto()  # an announced body that was the next message (a HEAD's answer)
     UPGRADED = enum.auto()
 
 
@@ -101,6 +102,15 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (S.CHUNK_SIZE, T.LOST): S.BODY_UNKNOWN,
     (S.CHUNK_TRAILER, T.LOST): S.BODY_UNKNOWN,
     (S.CHUNK_SCAN, T.LOST): S.BODY_UNKNOWN,
+    # A response whose request was not seen may have answered a HEAD: if the
+    # body it announces starts with a response, it had none.
+    # If lost bytes follow its head, whether they were its body or the next
+    # messages cannot be known: it ends at the next visible start.
+    (S.BODY_LENGTH, T.NO_BODY): S.IDLE,
+    (S.CHUNK_SIZE, T.NO_BODY): S.IDLE,
+    (S.BODY_CLOSE, T.NO_BODY): S.IDLE,
+    (S.BODY_LENGTH, T.LOST): S.BODY_UNKNOWN,
+    (S.BODY_CLOSE, T.LOST): S.BODY_UNKNOWN,
     (S.BODY_CLOSE, T.GAP): S.BODY_CLOSE,
     (S.TUNNEL, T.SKIP): S.TUNNEL,
     (S.TUNNEL, T.GAP): S.TUNNEL,
@@ -214,6 +224,7 @@ class Framer:
         "_body_start",
         "_budget",
         "_buf",
+        "_doubt",
         "_head_ts",
         "_kind",
         "_last_ts",
@@ -249,6 +260,8 @@ class Framer:
         self._head_ts = 0
         self._last_ts = 0
         self._window = b""  # last known bytes while scanning for the last chunk
+        # The body just announced may not exist: the request it answers is unknown.
+        self._doubt = False
         self.in_message = False
         # Set when lost bytes (a full ring) went by: messages may have been
         # in them. The connection clears it once it has accounted for that.
@@ -336,6 +349,8 @@ class Framer:
             self._head_ts = self._last_ts = ts_ns
             pos += used
             self._framed(head)
+            if self._doubt:
+                break  # the general path decides whether the body is there
             if self.state is State.BODY_LENGTH:  # (the property: _framed moved it)
                 n = min(self._remaining, length - pos)
                 self._remaining -= n
@@ -362,6 +377,8 @@ class Framer:
 
     def _step(self, chunk: Chunk, ack: int) -> Chunk | None:
         """Consume a prefix of the chunk; return what is left of it."""
+        if self._doubt:
+            return self._doubted(chunk)
         state = self._state
         if not chunk.data and state not in (State.BODY_LENGTH, State.CHUNK_DATA):
             if state is State.IDLE and not chunk.lost:
@@ -384,6 +401,21 @@ class Framer:
             return None
         self._fire(Trigger.SKIP)  # TUNNEL
         return None
+
+    def _doubted(self, chunk: Chunk) -> Chunk:
+        """The first bytes after the head of a response whose request was not seen.
+
+        Only a HEAD's answer announces a body it does not send, so a body
+        that begins with a response start is taken to be that next response
+        (for a real body to begin so, it would have to carry an HTTP message).
+        """
+        self._doubt = False
+        if chunk.lost:
+            self._fire(Trigger.LOST)
+        elif self._looks_like_start(chunk.data, strict=True):
+            self._fire(Trigger.NO_BODY)
+            self._end(self._last_ts, 0)
+        return chunk
 
     def _unseen_start(self, chunk: Chunk, ack: int) -> Chunk | None:
         """A message starts here (we are at a boundary) but none of it was captured.
@@ -543,6 +575,11 @@ class Framer:
             self._fire(Trigger.HEAD_TRUNCATED)
             return
         framing = body_framing(head, method)
+        self._doubt = (
+            method is None
+            and self._kind is Kind.RESPONSE
+            and framing in (_Framing.LENGTH, _Framing.CHUNKED, _Framing.CLOSE)
+        )
         if framing is _Framing.NONE:
             self._fire(Trigger.HEAD_DONE)
             self._end(self._last_ts, 0)

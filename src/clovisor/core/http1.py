@@ -426,6 +426,13 @@ class Framer:
         and the session count complete. Framing resumes at the next visible
         message start.
         """
+        self._begin(chunk, ack)
+        self._account(chunk.length, chunk.ts_ns)
+        self._head_done(b"", truncated=True)
+        return None
+
+    def _begin(self, chunk: Chunk, ack: int) -> None:
+        """A message starts at the chunk's first byte."""
         self._fire(Trigger.START)
         self.in_message = True
         self.message_bytes = 0
@@ -433,9 +440,6 @@ class Framer:
         self.ack = ack
         self.start_offset = chunk.offset
         self._head_ts = chunk.ts_ns
-        self._account(chunk.length, chunk.ts_ns)
-        self._head_done(b"", truncated=True)
-        return None
 
     def _gap(self, chunk: Chunk) -> Chunk | None:
         """Bytes whose content mattered but was not captured."""
@@ -507,13 +511,7 @@ class Framer:
             return None
         if self._state is State.BODY_UNKNOWN and self.in_message:
             self._end(self._last_ts, None)
-        self._fire(Trigger.START)
-        self.in_message = True
-        self.message_bytes = 0
-        self.message_packets = chunk.packets
-        self.ack = ack
-        self.start_offset = chunk.offset
-        self._head_ts = chunk.ts_ns
+        self._begin(chunk, ack)
         self._drop_buf()
         return self._headers(chunk)
 

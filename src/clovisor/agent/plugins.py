@@ -92,12 +92,18 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Protocol
 
 from ..core.events import Outcome, Role, Segment, Session
 from ..core.events import Protocol as WireProtocol
 from ..core.reassembly import Chunk, ReassemblyLimits
-from ..core.sessions import Connection, Endpoints, HttpConnection, Stats, TcpConnection
+from ..core.sessions import (
+    Connection,
+    ConnectionFactory,
+    Endpoints,
+    HttpConnection,
+    Stats,
+    TcpConnection,
+)
 from ..specs import PROTOCOLS, SpecError
 
 log = logging.getLogger(__name__)
@@ -123,19 +129,8 @@ _REF_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z][A-Za-z0-9_]*)*")
 MAX_REFERENCE_LEN = 200
 
 
-class ParserFactory(Protocol):
-    """What a parser plugin provides (see the module docstring)."""
-
-    def __call__(
-        self,
-        endpoints: Endpoints,
-        limits: ReassemblyLimits,
-        stats: Stats,
-        out: list[Session],
-        /,
-        *,
-        synced: bool,
-    ) -> Connection: ...
+# What a parser plugin provides (see the module docstring): the tracker's own interface.
+ParserFactory = ConnectionFactory
 
 
 def http_parser(

@@ -5,8 +5,11 @@ captured, so it frames messages by stream offset: a Content-Length body is
 skipped by arithmetic, a chunked body is followed chunk by chunk while the
 chunk-size lines are visible and by its last-chunk marker after that, and a
 message whose header block was not fully captured ends where the next one
-visibly starts. The state machine is an explicit table: a transition that is
-not in it is a bug, reported as :class:`ProtocolError`.
+visibly starts. A response whose request the connection did not see may have
+answered a HEAD, so the body it announces is in doubt until its first bytes
+show whether they start the next response. The state machine is an explicit
+table: a transition that is not in it is a bug, reported as
+:class:`ProtocolError`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import http.client
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
@@ -31,6 +30,7 @@ from clovisor.pipeline import (
 from clovisor.specs import PortSpec
 from clovisor.stages import Pipe
 from clovisor.topology import Topology, in_netns
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -97,12 +97,7 @@ def _get(topo: Topology, paths: Sequence[str]) -> None:
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
+    return wait_until(cond, timeout, interval=0.05)
 
 
 def test_many_slices_every_session_exported(server: Topology) -> None:

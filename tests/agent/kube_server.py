@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.conftest import wait_until
+
 Obj = dict[str, Any]
 
 KINDS = {"pods": "Pod", "services": "Service"}
@@ -572,12 +574,7 @@ class KubeServer:
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
         """Poll ``predicate`` until true (for waits on the request log)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.01)
-        return predicate()
+        return wait_until(predicate, timeout)
 
     # -- internals (called with self._cond held unless noted)
 

@@ -29,6 +29,7 @@ from clovisor.agent.kube import (
     service_info,
 )
 from clovisor.agent.model import ContainerPort, PodInfo, ServicePort
+from tests.conftest import wait_until as poll
 
 from .kube_server import KubeServer, make_pod, make_service
 
@@ -42,12 +43,7 @@ FAST: dict[str, Any] = {
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+    return poll(predicate, timeout)
 
 
 class Changes:

@@ -31,6 +31,7 @@ from clovisor.export.ids import FastIdGenerator
 from clovisor.export.otlp import STATS_KEYS, OtlpConfig, OtlpExporter, resolve_config
 from clovisor.export.otlp_encode import ProtobufSpanEncoder
 from clovisor.export.spans import session_to_span
+from tests.conftest import wait_until
 
 from .receiver import GrpcReceiver, HttpReceiver, Receiver
 from .sessions import RESOURCE, request, session, span, to_wall
@@ -493,10 +494,7 @@ def test_oldest_spans_are_the_ones_dropped(receiver: Receiver) -> None:
     old, new = many(500), many(200, client_addr="10.9.9.9")
     e.export(old)
     # The sender takes one batch of the old ones and retries it.
-    deadline = time.monotonic() + 5
-    while e.stats()["send_retries"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert e.stats()["send_retries"] >= 1
+    assert wait_until(lambda: e.stats()["send_retries"] >= 1, 5)
     e.export(new)
     receiver.start()
     assert e.flush(5)
@@ -612,9 +610,7 @@ def test_batch_given_up_after_max_retry_time_then_export_resumes(receiver: Recei
     e = exporter_for(receiver, max_retry_time=0.3)
     t0 = time.monotonic()
     e.export(many(10))
-    deadline = t0 + 5
-    while e.stats()["spans_dropped"] < 10 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(lambda: e.stats()["spans_dropped"] >= 10, 5)
     assert e.stats()["spans_dropped"] == 10
     assert time.monotonic() - t0 >= 0.3  # given up after max_retry_time, not before
     assert e.stats()["spans_exported"] == 0

@@ -107,11 +107,11 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (S.CHUNK_SCAN, T.LOST): S.BODY_UNKNOWN,
     # A response whose request was not seen may have answered a HEAD: if the
     # body it announces starts with a response, it had none.
-    # If lost bytes follow its head, whether they were its body or the next
-    # messages cannot be known: it ends at the next visible start.
     (S.BODY_LENGTH, T.NO_BODY): S.IDLE,
     (S.CHUNK_SIZE, T.NO_BODY): S.IDLE,
     (S.BODY_CLOSE, T.NO_BODY): S.IDLE,
+    # If lost bytes follow such a head, whether they were its body or the
+    # next messages cannot be known: it ends at the next visible start.
     (S.BODY_LENGTH, T.LOST): S.BODY_UNKNOWN,
     (S.BODY_CLOSE, T.LOST): S.BODY_UNKNOWN,
     (S.BODY_CLOSE, T.GAP): S.BODY_CLOSE,

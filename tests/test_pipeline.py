@@ -13,22 +13,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan
 
 from clovisor.core.events import Protocol
-from clovisor.pipeline import (
-    LINGER_NS,
-    LINGER_SPANS,
-    SLICE_RECORDS,
-    InterfaceTarget,
-    Tracer,
-    TracerSettings,
-)
+from clovisor.export.record import SpanRecord
+from clovisor.pipeline import SLICE_RECORDS, InterfaceTarget, Tracer, TracerSettings
 from clovisor.specs import PortSpec
-from clovisor.stages import Pipe
 from clovisor.topology import Topology, in_netns
 from tests.conftest import wait_until
 
@@ -41,10 +32,10 @@ class Collect:
     """An exporter that keeps what it is given."""
 
     def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
+        self.spans: list[SpanRecord] = []
         self.lock = threading.Lock()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> None:
+    def export(self, spans: Sequence[SpanRecord]) -> None:
         with self.lock:
             self.spans.extend(spans)
 
@@ -115,7 +106,7 @@ def test_a_failing_slice_is_counted_and_the_tracer_goes_on(server: Topology) -> 
     exporter = Collect()
     failures: list[int] = []
 
-    def flaky(spans: Sequence[ReadableSpan]) -> Sequence[ReadableSpan]:
+    def flaky(spans: Sequence[SpanRecord]) -> Sequence[SpanRecord]:
         if not failures:
             failures.append(len(spans))
             raise RuntimeError("a broken span filter")
@@ -128,22 +119,3 @@ def test_a_failing_slice_is_counted_and_the_tracer_goes_on(server: Topology) -> 
         assert _wait(lambda: len(exporter.targets()) >= 2)
         assert exporter.targets() == ["/second", "/third"]
         assert failures == [1]
-
-
-def test_spans_linger_then_leave_in_slices() -> None:
-    """Spans gather until LINGER_SPANS or LINGER_NS, then go on in slices; all go at the end."""
-    tracer = Tracer(TracerSettings(), [])
-    pipe: Pipe[list[ReadableSpan]] = Pipe(1 << 20, "spans", weigh=len)
-    spans = [cast(ReadableSpan, object()) for _ in range(LINGER_SPANS + 10)]
-    tracer._hand_on(pipe, spans[:10], 1_000)
-    tracer._hand_on(pipe, [], 1_000 + LINGER_NS - 1)
-    assert len(pipe) == 0  # neither enough nor old enough
-    tracer._hand_on(pipe, [], 1_000 + LINGER_NS)
-    out = pipe.get(0)
-    assert out == spans[:10] and len(pipe) == 0  # the oldest waited LINGER_NS
-    tracer._hand_on(pipe, spans[10:], 5 * LINGER_NS)  # LINGER_SPANS at once
-    slices = [pipe.get(0) for _ in range(len(pipe))]
-    assert [len(x or ()) for x in slices] == [SLICE_RECORDS] * (LINGER_SPANS // SLICE_RECORDS)
-    tracer._hand_on(pipe, spans[:3], 6 * LINGER_NS)
-    tracer._hand_on(pipe, [], 6 * LINGER_NS, everything=True)
-    assert pipe.get(0) == spans[:3]

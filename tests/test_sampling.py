@@ -11,11 +11,11 @@ import random
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
 from clovisor.core.events import Role
 from clovisor.export.propagation import b3_trace_flags, jaeger_parent
+from clovisor.export.record import SpanRecord
 from clovisor.export.spans import redact_query
 from clovisor.sampling import (
     SAMPLERS,
@@ -25,23 +25,19 @@ from clovisor.sampling import (
     sampler_from_flags,
 )
 from clovisor.specs import SpecError
-from tests.export.sessions import RESOURCE, request, response, session, span
+from tests.export.sessions import record, request, response, session, span
 
 trace_ids = st.integers(1, 2**128 - 1)
 ratios = st.floats(0.0, 1.0, allow_nan=False)
 
 
-def make_span(trace_id: int, parent_flags: int | None = None, remote: bool = True) -> ReadableSpan:
+def make_span(trace_id: int, parent_flags: int | None = None, remote: bool = True) -> SpanRecord:
     parent = None
     if parent_flags is not None:
         parent = SpanContext(
             trace_id, 0x1234, is_remote=remote, trace_flags=TraceFlags(parent_flags)
         )
-    ctx = SpanContext(trace_id, 0x5678, is_remote=False, trace_flags=TraceFlags(1))
-    # An explicit resource: the default runs the SDK's resource detectors per span.
-    return ReadableSpan(
-        name="GET", context=ctx, parent=parent, kind=SpanKind.SERVER, resource=RESOURCE
-    )
+    return record(trace_id=trace_id, span_id=0x5678, parent=parent, kind=SpanKind.SERVER)
 
 
 def test_default_is_parentbased_always_on() -> None:
@@ -162,7 +158,7 @@ def test_filter_keeps_order_and_counts() -> None:
     spans = [make_span(i, parent_flags=i % 2) for i in range(1, 11)]
     s = Sampler()
     kept = s.filter(spans)
-    assert [sp.context.trace_id for sp in kept if sp.context] == [1, 3, 5, 7, 9]
+    assert [sp.trace_id for sp in kept] == [1, 3, 5, 7, 9]
     assert s.sampled_out == 5
     everything = Sampler("always_on")
     assert everything.filter(spans) is spans and everything.sampled_out == 0
@@ -289,21 +285,21 @@ def test_jaeger_parent_never_raises(value: str) -> None:
 
 def test_jaeger_span_joins_the_trace() -> None:
     sp = span(session(request=request(headers=(("uber-trace-id", f"{TRACE}:{PARENT}:0:1"),))))
-    assert sp.context is not None and sp.parent is not None
-    assert sp.context.trace_id == int(TRACE, 16)
+    assert sp.parent is not None
+    assert sp.trace_id == int(TRACE, 16)
     assert sp.parent.span_id == int(PARENT, 16)
-    assert sp.context.span_id != sp.parent.span_id
+    assert sp.span_id != sp.parent.span_id
 
 
 def test_w3c_then_b3_then_jaeger() -> None:
     w3c = "4bf92f3577b34da6a3ce929d0e0e4736"
     uber = ("uber-trace-id", f"{TRACE}:{PARENT}:0:1")
     both = span(session(request=request(headers=(uber, ("traceparent", f"00-{w3c}-{PARENT}-01")))))
-    assert both.context is not None and both.context.trace_id == int(w3c, 16)
+    assert both.trace_id == int(w3c, 16)
     b3 = span(session(request=request(headers=(uber, ("b3", f"{w3c}-{PARENT}-1")))))
-    assert b3.context is not None and b3.context.trace_id == int(w3c, 16)
+    assert b3.trace_id == int(w3c, 16)
     bad_w3c = span(session(request=request(headers=(uber, ("traceparent", "garbage")))))
-    assert bad_w3c.context is not None and bad_w3c.context.trace_id == int(TRACE, 16)
+    assert bad_w3c.trace_id == int(TRACE, 16)
 
 
 @pytest.mark.parametrize(

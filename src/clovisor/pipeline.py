@@ -1,11 +1,13 @@
-"""Wires the runtime: ring -> tracker -> exporters, and the kernel hooks.
+"""Wires the runtime: ring -> tracker -> outputs, and the kernel hooks.
 
 The only module that knows all the stages. ``Tracer.start`` loads the
 classifier, writes the port/egress tables, attaches to every interface and
-starts two stages: the tracker, whose bounded input is the ring buffer
-itself, and the exporters, joined to it by a bounded pipe of spans.
-``Tracer.stop`` detaches first (no new events), drains the ring, lets the
-tracker flush pending sessions, and shuts the exporters down, in that order.
+starts the tracker thread, whose bounded input is the ring buffer itself.
+It hands span records to each output's bounded queue
+(:class:`clovisor.export.queue.SpanQueue`), which batches them by one
+policy and sends them from the output's own thread. ``Tracer.stop``
+detaches first (no new events), drains the ring, lets the tracker flush
+pending sessions, and shuts the outputs down, in that order.
 """
 
 from __future__ import annotations
@@ -22,20 +24,19 @@ from pathlib import Path
 from typing import Literal
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 
 from .clock import MonotonicToWall
 from .core.events import Segment, Session
 from .core.tracker import Limits, ParserLookup, Tracker
 from .export import Exporter
 from .export.ids import FastIdGenerator
+from .export.record import SpanRecord
 from .export.spans import session_to_span
 from .kernel.abi import CLV_WAKEUP_NEVER
 from .kernel.attach import Attachment, attach
 from .kernel.loader import BpfObject
 from .kernel.ringbuf import RingReader
 from .specs import EgressSpec, PortSpec, SpecError
-from .stages import Pipe, Stage
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,12 @@ DEFAULT_CAPTURE_BYTES = 1024
 _ADVANCE_NS = 250_000_000  # how often the tracker lets time pass (timeouts)
 # The ring is drained on a timer (no record wakes the reader, which spares
 # the classifier a ring query and an irq_work) and tracked in slices: a
-# slice is well under a millisecond of tracker work, and the stages yield
+# slice is well under a millisecond of tracker work, and the tracker yields
 # the CPU after each one, so the workload being traced never waits long
 # behind the tracer (measured: tracer bursts of several ms, not its total
 # CPU, were what cost the workload its p99). When more than BACKLOG_BYTES
 # wait in the ring the slice doubles (up to MAX_SLICE_RECORDS) and the
-# stages stop yielding after the bigger ones: a tracer that is behind takes
+# tracker stops yielding after the bigger ones: a tracer that is behind takes
 # its fair share of the CPU. Once it has caught up the slices are small again.
 DRAIN_INTERVAL_MS = 10
 # The drain timer after empty drains (doubling from 10 ms). The ring must
@@ -57,14 +58,6 @@ IDLE_INTERVAL_MS = 40
 SLICE_RECORDS = 64
 MAX_SLICE_RECORDS = 4096
 BACKLOG_BYTES = 64 << 10  # more than this queued in the ring: the tracer is behind
-SPANS_IN_FLIGHT = 8192  # spans queued for the exporters, at most
-# Spans are handed to the exporters once LINGER_SPANS have gathered or the
-# oldest has waited LINGER_NS, in slices of SLICE_RECORDS: every hand-over
-# wakes the export thread, and under light traffic that wake-up cost more
-# than the spans it brought (measured at 1k req/s: 11 % less tracer CPU per
-# request, no change at 5k). Slices keep the exporter's bursts short.
-LINGER_SPANS = 256
-LINGER_NS = 50_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,7 +83,7 @@ class InterfaceTarget:
 
 
 SessionObserver = Callable[[list[Session]], None]
-SpanFilter = Callable[[Sequence[ReadableSpan]], Sequence[ReadableSpan]]  # e.g. Sampler.filter
+SpanFilter = Callable[[Sequence[SpanRecord]], Sequence[SpanRecord]]  # e.g. Sampler.filter
 Beat = Callable[[str], None]  # Health.beat: a loop made progress
 
 
@@ -168,8 +161,6 @@ class Tracer:
         self.tracker_errors = 0  # batches whose handling raised (logged)
         self._stopped = False
         self._final: Totals | None = None
-        self._lingering: list[ReadableSpan] = []  # spans not handed on yet
-        self._linger_since = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -187,22 +178,12 @@ class Tracer:
         except BaseException:
             self._release()
             raise
-        # Bounded by what the lists hold, not by how many there are: with the
-        # ring's own bound (ring_bytes) this caps the tracer's memory whatever
-        # the traffic (README "Memory bounds").
-        spans: Pipe[list[ReadableSpan]] = Pipe(SPANS_IN_FLIGHT, "spans", weigh=len)
         # The ring is the tracker's bounded input queue: one thread reads and
         # tracks, so no decoded segment waits in a second queue and no GIL
         # hand-over happens per slice between a reader and a tracker.
-        tracker = threading.Thread(target=self._ring_loop, args=(spans,), name="tracker",
-                                   daemon=True)
-        exporter: Stage[list[ReadableSpan], None] = Stage(
-            "export", spans, None, self._export, finish=self._shutdown_exporters,
-            yield_cpu=lambda s: len(s) <= SLICE_RECORDS,
-        )  # fmt: skip
-        self._threads = [tracker, exporter]
-        for t in self._threads:
-            t.start()
+        tracker = threading.Thread(target=self._ring_loop, name="tracker", daemon=True)
+        self._threads = [tracker]
+        tracker.start()
         self.ready.set()
 
     def stop(self, timeout: float = 10.0) -> Totals:
@@ -214,6 +195,7 @@ class Tracer:
             deadline = time.monotonic() + timeout
             for t in self._threads:
                 t.join(max(0.0, deadline - time.monotonic()))
+            self._shutdown_exporters()  # after the tracker's last records
             self._final = self.totals()
             self._release()
         return self._final
@@ -312,8 +294,8 @@ class Tracer:
 
     # -- stages ---------------------------------------------------------------------
 
-    def _ring_loop(self, out: Pipe[list[ReadableSpan]]) -> None:
-        """Read the ring in slices, track them, pass the spans on; flush at the end."""
+    def _ring_loop(self) -> None:
+        """Read the ring in slices, track them, hand the spans on; flush at the end."""
         reader = self._reader
         assert reader is not None
         try:
@@ -325,7 +307,7 @@ class Tracer:
                 # at 1k req/s but made longer bursts and a worse p99 at 5k.)
                 interval = DRAIN_INTERVAL_MS if segs else min(2 * interval, IDLE_INTERVAL_MS)
                 self._beat("ring")
-                self._track_slice(segs, out)
+                self._track_slice(segs)
                 queued = reader.backlog()
                 behind = reader.more if queued is None else queued > BACKLOG_BYTES
                 reader.max_records = (
@@ -336,23 +318,19 @@ class Tracer:
             reader.max_records = MAX_SLICE_RECORDS
             # The hooks are gone: what is left in the ring is all there will be.
             while True:
-                self._track_slice(reader.poll(0), out)
+                self._track_slice(reader.poll(0))
                 if not reader.more:
                     break
-            self._hand_on(out, self._guarded(self._flush), 0, everything=True)
+            self._export(self._guarded(self._flush))
         except Exception:
             log.exception("ring reader failed")
-        finally:
-            out.close()
 
-    def _track_slice(self, segs: list[Segment], out: Pipe[list[ReadableSpan]]) -> None:
+    def _track_slice(self, segs: list[Segment]) -> None:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # the tracker's "now"
-        spans: list[ReadableSpan] = []
         if segs or now - self._last_advance >= _ADVANCE_NS:
-            spans = self._guarded(lambda: self._track(segs, now))
-        self._hand_on(out, spans, now)
+            self._export(self._guarded(lambda: self._track(segs, now)))
 
-    def _guarded(self, fn: Callable[[], list[ReadableSpan]]) -> list[ReadableSpan]:
+    def _guarded(self, fn: Callable[[], list[SpanRecord]]) -> list[SpanRecord]:
         # A failing batch is logged and counted; it never stops the tracer.
         try:
             return fn()
@@ -361,31 +339,7 @@ class Tracer:
             log.exception("tracker: handling a batch failed")
             return []
 
-    def _hand_on(
-        self,
-        out: Pipe[list[ReadableSpan]],
-        spans: list[ReadableSpan],
-        now_ns: int,
-        *,
-        everything: bool = False,
-    ) -> None:
-        """Gather spans; pass them on in slices when enough, old enough, or at the end."""
-        lingering = self._lingering
-        if spans:
-            if not lingering:
-                self._linger_since = now_ns
-            lingering.extend(spans)
-        if not lingering or not (
-            everything
-            or len(lingering) >= LINGER_SPANS
-            or now_ns - self._linger_since >= LINGER_NS
-        ):
-            return
-        self._lingering = []
-        for i in range(0, len(lingering), SLICE_RECORDS):
-            out.put(lingering[i : i + SLICE_RECORDS])
-
-    def _track(self, segs: list[Segment], now_ns: int) -> list[ReadableSpan]:
+    def _track(self, segs: list[Segment], now_ns: int) -> list[SpanRecord]:
         self._beat("tracker")
         tracker = self.tracker
         sessions = tracker.feed_many(segs) if segs else []
@@ -395,10 +349,10 @@ class Tracer:
             self._clock.resample_if_due()
         return self._spans(sessions)
 
-    def _flush(self) -> list[ReadableSpan]:
+    def _flush(self) -> list[SpanRecord]:
         return self._spans(self.tracker.close())
 
-    def _spans(self, sessions: list[Session]) -> list[ReadableSpan]:
+    def _spans(self, sessions: list[Session]) -> list[SpanRecord]:
         if not sessions:
             return []
         for observe in self._observers:
@@ -409,7 +363,7 @@ class Tracer:
         to_wall, ids, names = self._clock.to_wall, self._ids, self._names
         res, default = self._resources, self._default_resource
         redact_all = self.settings.redact_all_query
-        spans: Sequence[ReadableSpan] = [
+        spans: Sequence[SpanRecord] = [
             session_to_span(
                 s,
                 resource=res.get(s.ifindex, default),
@@ -455,7 +409,10 @@ class Tracer:
                         out[key] = out.get(key, 0) + int(v)
         return out
 
-    def _export(self, spans: list[ReadableSpan]) -> list[None]:
+    def _export(self, spans: list[SpanRecord]) -> None:
+        """Hand spans to every output's queue (never blocks)."""
+        if not spans:
+            return
         if self.count is not None:
             spans = spans[: max(0, self.count - self.sessions)]
         with self._exporters_lock:
@@ -469,14 +426,12 @@ class Tracer:
         self.sessions += len(spans)
         if self.count is not None and self.sessions >= self.count:
             self.done.set()
-        return []
 
-    def _shutdown_exporters(self) -> list[None]:
+    def _shutdown_exporters(self) -> None:
         with self._exporters_lock:
             exporters = self._exporters
         for exporter in exporters:
             self._shutdown_one(exporter)
-        return []
 
     @staticmethod
     def _shutdown_one(exporter: Exporter) -> None:

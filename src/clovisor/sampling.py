@@ -32,10 +32,10 @@ from collections.abc import Mapping, Sequence
 from typing import Final
 
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import sampling as sdk
 from opentelemetry.trace import NonRecordingSpan, SpanContext, set_span_in_context
 
+from .export.record import SpanRecord
 from .specs import SpecError
 
 __all__ = [
@@ -118,15 +118,12 @@ class Sampler:
     def description(self) -> str:
         return self._sdk.get_description()
 
-    def should_export(self, span: ReadableSpan) -> bool:
+    def should_export(self, span: SpanRecord) -> bool:
         """The SDK sampler's decision for this span, given its remote parent."""
-        ctx = span.context
-        if ctx is None:
-            return False
         parent = span.parent
         memo = self._memo
         if memo is None:
-            return self._ask(parent, ctx.trace_id, span)
+            return self._ask(parent, span.trace_id, span)
         key = (
             None
             if parent is None
@@ -134,10 +131,10 @@ class Sampler:
         )
         decision = memo.get(key)
         if decision is None:
-            decision = memo[key] = self._ask(parent, ctx.trace_id, span)
+            decision = memo[key] = self._ask(parent, span.trace_id, span)
         return decision
 
-    def _ask(self, parent: SpanContext | None, trace_id: int, span: ReadableSpan) -> bool:
+    def _ask(self, parent: SpanContext | None, trace_id: int, span: SpanRecord) -> bool:
         # An explicit empty Context for roots: None would make the SDK read
         # the calling thread's current span, which is not this span's parent.
         parent_ctx = (
@@ -148,7 +145,7 @@ class Sampler:
         result = self._sdk.should_sample(parent_ctx, trace_id, span.name, span.kind, None)
         return result.decision is sdk.Decision.RECORD_AND_SAMPLE
 
-    def filter(self, spans: Sequence[ReadableSpan]) -> Sequence[ReadableSpan]:
+    def filter(self, spans: Sequence[SpanRecord]) -> Sequence[SpanRecord]:
         """The spans to export, in order; counts the others in ``sampled_out``."""
         if self._all:
             return spans

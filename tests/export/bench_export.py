@@ -26,7 +26,6 @@ from typing import Any
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 from clovisor.clock import MonotonicToWall
@@ -36,7 +35,8 @@ from clovisor.export.ids import FastIdGenerator
 from clovisor.export.otlp import OtlpExporter
 from clovisor.export.otlp_encode import ProtobufSpanEncoder
 from clovisor.export.otlp_json import reference_otlp_json, spans_to_otlp_json
-from clovisor.export.spans import session_to_span
+from clovisor.export.record import SpanRecord
+from clovisor.export.spans import session_to_span, to_readable_span
 
 from .sessions import request, session
 
@@ -104,7 +104,7 @@ def varied_sessions(n: int, seed: int = 1) -> list[Any]:
 _PB_KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3}
 
 
-def direct_messages(spans: Sequence[ReadableSpan]) -> bytes:
+def direct_messages(spans: Sequence[SpanRecord]) -> bytes:
     """Option (b): fill the official messages in place, no caching (one resource)."""
     req = ExportTraceServiceRequest()
     rs = req.resource_spans.add()
@@ -113,20 +113,18 @@ def direct_messages(spans: Sequence[ReadableSpan]) -> bytes:
     ss = rs.scope_spans.add()
     ss.scope.name = "clovisor"
     for sp in spans:
-        ctx = sp.context
-        assert ctx is not None
         out = ss.spans.add(
-            trace_id=ctx.trace_id.to_bytes(16, "big"),
-            span_id=ctx.span_id.to_bytes(8, "big"),
+            trace_id=sp.trace_id.to_bytes(16, "big"),
+            span_id=sp.span_id.to_bytes(8, "big"),
             name=sp.name,
             kind=_PB_KIND[sp.kind],
             start_time_unix_nano=sp.start_time,
             end_time_unix_nano=sp.end_time,
             flags=0x100,
         )
-        out.status.code = sp.status.status_code.value
-        if sp.status.description:
-            out.status.message = sp.status.description
+        out.status.code = sp.status_code.value
+        if sp.status_message:
+            out.status.message = sp.status_message
         for key, value in (sp.attributes or {}).items():
             kv = out.attributes.add()
             kv.key = key
@@ -141,7 +139,7 @@ def direct_messages(spans: Sequence[ReadableSpan]) -> bytes:
     return data
 
 
-def end_to_end(kind: str, spans: list[ReadableSpan], rounds: int) -> None:
+def end_to_end(kind: str, spans: list[SpanRecord], rounds: int) -> None:
     """Spans/s through OtlpExporter to a receiver in a child process."""
     child = subprocess.Popen(
         [sys.executable, "-m", "tests.export.receiver", kind],
@@ -200,11 +198,12 @@ def main() -> None:
     ]
     print(f"{len(spans[1].attributes or {})} attributes per span, batches of {BATCH}")
     best("session_to_span", 20_000, lambda: convert(20_000))
-    best("SDK encode_spans (protobuf objects)", BATCH, lambda: encode_spans(spans))
+    sdk_spans = [to_readable_span(s) for s in spans]
+    best("SDK encode_spans (protobuf objects)", BATCH, lambda: encode_spans(sdk_spans))
     best(
         "SDK encode_spans + SerializeToString",
         BATCH,
-        lambda: encode_spans(spans).SerializeToString(),
+        lambda: encode_spans(sdk_spans).SerializeToString(),
     )
     encoder = ProtobufSpanEncoder()
     best("OTLP/pb (b) direct messages, no cache", BATCH, lambda: direct_messages(spans))
@@ -214,11 +213,12 @@ def main() -> None:
         for s in varied_sessions(20 * BATCH)
     ]
     batches = [varied[i : i + BATCH] for i in range(0, len(varied), BATCH)]
+    sdk_batches = [[to_readable_span(s) for s in b] for b in batches]
     n_varied = len(varied)
     best(
         "OTLP/pb (a) encode_spans, varied",
         n_varied,
-        lambda: [encode_spans(b).SerializeToString() for b in batches],
+        lambda: [encode_spans(b).SerializeToString() for b in sdk_batches],
     )
     best(
         "OTLP/pb (b) direct messages, varied",

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
 from clovisor.core.events import HttpRequest, HttpResponse, Outcome, Protocol, Role, Session
 from clovisor.export.ids import FastIdGenerator
+from clovisor.export.record import SpanRecord
 from clovisor.export.spans import session_to_span
 
 # Monotonic -> wall: a fixed offset so expected times are exact.
@@ -71,8 +72,27 @@ def session(**overrides: Any) -> Session:
     return Session(**fields)
 
 
-def span(s: Session | None = None, **kwargs: Any) -> ReadableSpan:
+def span(s: Session | None = None, **kwargs: Any) -> SpanRecord:
     kwargs.setdefault("resource", RESOURCE)
     kwargs.setdefault("to_wall", to_wall)
     kwargs.setdefault("ids", FastIdGenerator(seed=1))
     return session_to_span(s if s is not None else session(), **kwargs)
+
+
+def record(
+    attributes: dict[str, Any] | None = None,
+    *,
+    trace_id: int = 0x4BF92F3577B34DA6A3CE929D0E0E4736,
+    span_id: int = 0x1122334455667788,
+    parent: SpanContext | None = None,
+    trace_state: str = "",
+    kind: SpanKind = SpanKind.CLIENT,
+    status: StatusCode = StatusCode.UNSET,
+    message: str | None = None,
+    resource: Resource = RESOURCE,
+) -> SpanRecord:
+    """A span record made by hand, for shapes no session gives."""
+    return SpanRecord(
+        "op", kind, trace_id, span_id, parent, trace_state, 1, 2,
+        attributes if attributes is not None else {}, status, message, resource,
+    )  # fmt: skip

@@ -1,17 +1,20 @@
 """Span exporters: where finished session spans go.
 
-Every exporter takes SDK ``ReadableSpan`` objects (built by
-:func:`clovisor.export.spans.session_to_span`) in batches, so the runtime
-can fan one batch out to several sinks. Importing this package stays cheap:
-the protobuf-based exporters live in their own modules.
+Every exporter takes :class:`~clovisor.export.record.SpanRecord` batches
+(built by :func:`clovisor.export.spans.session_to_span`), so the runtime can
+fan one batch out to several outputs. ``export`` never blocks: each output
+queues records and sends them from its own thread
+(:class:`~clovisor.export.queue.SpanQueue`). Importing this package stays
+cheap: the protobuf-based exporters live in their own modules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from opentelemetry.sdk.trace import ReadableSpan
+if TYPE_CHECKING:
+    from .record import SpanRecord
 
 __all__ = ["ExportError", "Exporter", "ExporterConfigError"]
 
@@ -30,8 +33,8 @@ class ExporterConfigError(ExportError):
 
 @runtime_checkable
 class Exporter(Protocol):
-    def export(self, spans: Sequence[ReadableSpan]) -> None:
-        """Deliver one batch; an empty batch is allowed and does nothing."""
+    def export(self, spans: Sequence[SpanRecord]) -> None:
+        """Queue one batch without blocking; an empty batch does nothing."""
 
     def shutdown(self) -> None:
         """Flush and release resources; later exports are ignored."""

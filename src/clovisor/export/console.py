@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import http
-import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Final, TextIO
 
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
 
 from clovisor.export import ExportError
+from clovisor.export.queue import QueuedExporter
+from clovisor.export.record import SpanRecord
 
 __all__ = ["ConsoleExporter", "format_span"]
 
@@ -80,11 +80,11 @@ def _int(attrs: Mapping[str, AttributeValue], key: str) -> int:
     return value if isinstance(value, int) else 0
 
 
-def format_span(span: ReadableSpan) -> str:
+def format_span(span: SpanRecord) -> str:
     """The console line for one span, without the trailing newline."""
-    attrs = span.attributes or {}
-    start = span.start_time or 0
-    end = span.end_time or start
+    attrs = span.attributes
+    start = span.start_time
+    end = span.end_time
     parts = [_timestamp(start), _KINDS.get(span.kind, span.kind.name)]
 
     if attrs.get("network.protocol.name") == "http":
@@ -127,42 +127,29 @@ def format_span(span: ReadableSpan) -> str:
     )
     outcome = attrs.get("clovisor.outcome")
     if outcome is not None and outcome != "complete":
-        desc = span.status.description
+        desc = span.status_message
         parts.append(f"[{outcome}: {desc}]" if desc else f"[{outcome}]")
-    ctx = span.context
-    if ctx is not None:
-        parts.append(f"trace={ctx.trace_id:032x}")
+    parts.append(f"trace={span.trace_id:032x}")
     return " ".join(parts)
 
 
-class ConsoleExporter:
+class ConsoleExporter(QueuedExporter):
     """Writes one line per span to a text stream, flushing once per batch."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, **queue_options: float | int) -> None:
         self._stream = stream
-        self._lock = threading.Lock()
-        self._closed = False
+        super().__init__("console", **queue_options)
 
-    def export(self, spans: Sequence[ReadableSpan]) -> None:
-        if not spans:
-            return
-        # Format outside the lock and write once: lines from concurrent
-        # batches never interleave, and one write is cheaper than many.
-        text = "".join(format_span(span) + "\n" for span in spans)
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                self._stream.write(text)
-                self._stream.flush()
-            except (OSError, ValueError) as exc:  # ValueError: closed stream
-                raise ExportError(f"console export failed: {exc}") from exc
+    def write(self, batch: list[SpanRecord]) -> None:
+        # One write per batch: cheaper than one per line.
+        text = "".join(format_span(span) + "\n" for span in batch)
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: closed stream
+            raise ExportError(f"console export failed: {exc}") from exc
 
-    def shutdown(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            # The stream's owner may have closed it already: nothing to flush.
-            with contextlib.suppress(OSError, ValueError):
-                self._stream.flush()
+    def close(self) -> None:
+        # The stream's owner may have closed it already: nothing to flush.
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()

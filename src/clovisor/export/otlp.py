@@ -88,11 +88,11 @@ from urllib.parse import unquote, urlsplit
 import grpc
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-from opentelemetry.sdk.trace import ReadableSpan
 
 from clovisor import __version__
 from clovisor.export import ExporterConfigError
 from clovisor.export.otlp_encode import ProtobufSpanEncoder
+from clovisor.export.record import SpanRecord
 
 __all__ = [
     "DEFAULT_BACKOFF_INITIAL",
@@ -751,7 +751,7 @@ class OtlpExporter:
         self._throttle = _Throttle()
 
         self._cond = threading.Condition(threading.Lock())
-        self._queue: deque[ReadableSpan] = deque(maxlen=queue_size)
+        self._queue: deque[SpanRecord] = deque(maxlen=queue_size)
         self._in_flight = 0  # spans taken by the sender and not yet accounted
         self._exported = 0
         self._failed = 0
@@ -783,7 +783,7 @@ class OtlpExporter:
 
     # --- the exporter thread's side ------------------------------------------
 
-    def export(self, spans: Sequence[ReadableSpan]) -> None:
+    def export(self, spans: Sequence[SpanRecord]) -> None:
         """Queue the spans and return at once; the oldest are dropped when full."""
         n = len(spans)
         if not n:
@@ -894,7 +894,7 @@ class OtlpExporter:
             with self._cond:
                 self._cond.notify_all()  # flush() waiters
 
-    def _next_batch(self) -> list[ReadableSpan] | None:
+    def _next_batch(self) -> list[SpanRecord] | None:
         with self._cond:
             queue = self._queue
             while not queue and not self._closing:
@@ -931,7 +931,7 @@ class OtlpExporter:
             self._dropped += dropped
             self._in_flight -= of
 
-    def _deliver(self, batch: list[ReadableSpan]) -> None:
+    def _deliver(self, batch: list[SpanRecord]) -> None:
         pending = [batch]
         while pending:
             spans = pending.pop()

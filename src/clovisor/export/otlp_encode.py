@@ -1,8 +1,9 @@
-"""Spans -> OTLP/protobuf ``ExportTraceServiceRequest``, fast.
+"""Span records -> OTLP/protobuf ``ExportTraceServiceRequest``, fast.
 
 The SDK's ``encode_spans`` is the reference: whatever this module returns
-must equal what it returns for the same spans (tests check it on generated
-spans, byte for byte after serialisation). It costs about 80-140 µs per
+for span records must equal what it returns for the same spans as SDK
+``ReadableSpan`` objects (:func:`clovisor.export.spans.to_readable_span`;
+tests check it on generated spans, byte for byte after serialisation). It costs about 80-140 µs per
 Clovisor span here (27 attributes, each one a ``KeyValue`` plus an
 ``AnyValue`` built from keyword arguments, then copied into the parent), so
 it caps the exporter at 7-12k spans/s; the issue asks for 20k on one core.
@@ -22,10 +23,8 @@ How this encoder is faster, using only the official messages and serialiser:
 * Pairs whose values do not repeat (client ports, request ids, timestamps)
   would only churn a cache: a key that shows too many distinct values stops
   being cached and its attributes are added to the message directly.
-* Resources and scopes are encoded once per distinct object.
-
-Shapes Clovisor never produces (events, links, spans without a context) go
-through ``encode_spans`` itself, so they are exact rather than fast.
+* Resources are encoded once per distinct object; every record has the
+  same scope (Clovisor's).
 
 An encoder holds caches and is not thread-safe: give each sender thread its
 own. Its memory is bounded by the limits given at construction.
@@ -54,12 +53,11 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as PbStatus
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanKind
-from opentelemetry.trace.status import Status
+from opentelemetry.trace import SpanKind, StatusCode
 
 from .paircache import PairCache
+from .record import SpanRecord
+from .spans import SCOPE, to_readable_span
 
 __all__ = ["ProtobufSpanEncoder", "reference_request"]
 
@@ -76,9 +74,9 @@ _FLAGS_LOCAL: Final = 0x100  # SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _FLAGS_REMOTE: Final = 0x100 | 0x200  # ... | SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 
-def reference_request(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+def reference_request(records: Sequence[SpanRecord]) -> ExportTraceServiceRequest:
     """The SDK's own encoding (what its OTLP exporters send): slow, by the book."""
-    return encode_spans(spans)
+    return encode_spans([to_readable_span(r) for r in records])
 
 
 def _any_value(value: object) -> AnyValue:
@@ -179,7 +177,7 @@ class ProtobufSpanEncoder:
         self._statuses: dict[tuple[int, str | None], bytes] = {}
         # Keyed by identity, holding the object so its id cannot be reused.
         self._resources: dict[int, tuple[Resource, PbResource]] = {}
-        self._scopes: dict[int, tuple[InstrumentationScope | None, PbScope]] = {}
+        self._scope = PbScope(name=SCOPE.name, version=SCOPE.version or "")
 
     def cache_sizes(self) -> dict[str, int]:
         """Entries held per cache (for tests and debugging)."""
@@ -188,13 +186,12 @@ class ProtobufSpanEncoder:
             "keys": self._pairs.keys,
             "statuses": len(self._statuses),
             "resources": len(self._resources),
-            "scopes": len(self._scopes),
         }
 
     # --- caches -------------------------------------------------------------
 
-    def _status(self, status: Status) -> bytes:
-        skey = (status.status_code.value, status.description)
+    def _status(self, code: StatusCode, message: str | None) -> bytes:
+        skey = (code.value, message)
         fragment = self._statuses.get(skey)
         if fragment is None:
             # An empty Status is still *present* in encode_spans' output, and
@@ -218,111 +215,66 @@ class ProtobufSpanEncoder:
         self._resources[id(resource)] = (resource, encoded)
         return encoded
 
-    def _scope(self, scope: InstrumentationScope | None) -> PbScope:
-        hit = self._scopes.get(id(scope))
-        if hit is not None and hit[0] is scope:
-            return hit[1]
-        if scope is None:
-            encoded = PbScope()
-        else:
-            encoded = PbScope(
-                name=scope.name,
-                version=scope.version or "",
-                attributes=_key_values(scope.attributes),
-            )
-        if len(self._scopes) >= self._max_objects:
-            self._scopes.clear()
-        self._scopes[id(scope)] = (scope, encoded)
-        return encoded
-
     # --- encoding -----------------------------------------------------------
 
-    def encode(self, spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-        """The request ``encode_spans(spans)`` would build, grouped the same way."""
-        for span in spans:
-            if span.context is None or span.events or span.links:
-                return encode_spans(spans)
-
+    def encode(self, records: Sequence[SpanRecord]) -> ExportTraceServiceRequest:
+        """The request ``encode_spans`` would build for these spans, grouped the same way."""
         request = ExportTraceServiceRequest()
-        # Group like encode_spans: by equal resource, then equal scope, in
-        # order of first appearance. Identity first: equality (a dict
-        # comparison) only once per new object.
+        # Group like encode_spans: by equal resource, in order of first
+        # appearance (every record has Clovisor's scope). Identity first:
+        # equality (a dict comparison) only once per new object.
         groups: list[tuple[Resource, Any]] = []
         by_resource: dict[int, Any] = {}
-        scope_lists: dict[int, list[tuple[InstrumentationScope | None, Any]]] = {}
-        for span in spans:
-            resource = span.resource
-            resource_spans = by_resource.get(id(resource))
-            if resource_spans is None:
-                for known, known_rs in groups:
+        for record in records:
+            resource = record.resource
+            spans = by_resource.get(id(resource))
+            if spans is None:
+                for known, known_spans in groups:
                     # encode_spans groups in a dict: equal *and* same hash.
                     if known == resource and hash(known) == hash(resource):
-                        resource_spans = known_rs
+                        spans = known_spans
                         break
                 else:
                     resource_spans = request.resource_spans.add()
                     resource_spans.resource.CopyFrom(self._resource(resource))
                     if resource.schema_url:
                         resource_spans.schema_url = resource.schema_url
-                    groups.append((resource, resource_spans))
-                    scope_lists[id(resource_spans)] = []
-                by_resource[id(resource)] = resource_spans
-            scope = span.instrumentation_scope or None
-            scopes = scope_lists[id(resource_spans)]
-            scope_spans = None
-            for known_scope, known_ss in scopes:
-                if known_scope is scope or known_scope == scope:
-                    scope_spans = known_ss
-                    break
-            if scope_spans is None:
-                scope_spans = resource_spans.scope_spans.add()
-                scope_spans.scope.CopyFrom(self._scope(scope))
-                if scope is not None and scope.schema_url:
-                    scope_spans.schema_url = scope.schema_url
-                scopes.append((scope, scope_spans))
-            self._encode_span(span, scope_spans.spans.add())
+                    scope_spans = resource_spans.scope_spans.add()
+                    scope_spans.scope.CopyFrom(self._scope)
+                    spans = scope_spans.spans
+                    groups.append((resource, spans))
+                by_resource[id(resource)] = spans
+            self._encode_span(record, spans.add())
         return request
 
-    def serialize(self, spans: Sequence[ReadableSpan]) -> bytes:
+    def serialize(self, records: Sequence[SpanRecord]) -> bytes:
         """The encoded request's wire bytes."""
-        data: bytes = self.encode(spans).SerializeToString()
+        data: bytes = self.encode(records).SerializeToString()
         return data
 
-    def _encode_span(self, span: ReadableSpan, out: Any) -> None:
-        ctx = span.context
-        assert ctx is not None  # checked by encode()
-        parent = span.parent
-        out.trace_id = ctx.trace_id.to_bytes(16, "big")
-        out.span_id = ctx.span_id.to_bytes(8, "big")
-        state = ctx.trace_state
-        if state:
-            out.trace_state = ",".join(f"{k}={v}" for k, v in state.items())
+    def _encode_span(self, record: SpanRecord, out: Any) -> None:
+        parent = record.parent
+        out.trace_id = record.trace_id.to_bytes(16, "big")
+        out.span_id = record.span_id.to_bytes(8, "big")
+        if record.trace_state:
+            out.trace_state = record.trace_state
         if parent is not None:
             out.parent_span_id = parent.span_id.to_bytes(8, "big")
             out.flags = _FLAGS_REMOTE if parent.is_remote else _FLAGS_LOCAL
         else:
             out.flags = _FLAGS_LOCAL
-        if span.name:
-            out.name = span.name
-        out.kind = _KIND[span.kind]
-        if span.start_time:
-            out.start_time_unix_nano = span.start_time
-        if span.end_time:
-            out.end_time_unix_nano = span.end_time
-        dropped = span.dropped_attributes
-        if dropped:
-            out.dropped_attributes_count = dropped
-        dropped = span.dropped_events
-        if dropped:
-            out.dropped_events_count = dropped
-        dropped = span.dropped_links
-        if dropped:
-            out.dropped_links_count = dropped
+        if record.name:
+            out.name = record.name
+        out.kind = _KIND[record.kind]
+        if record.start_time:
+            out.start_time_unix_nano = record.start_time
+        if record.end_time:
+            out.end_time_unix_nano = record.end_time
 
         # Runs of cached fragments are merged in one parse; an uncached
         # pair flushes the run first so that attribute order is kept.
-        run = [self._status(span.status)]
-        attributes = span.attributes
+        run = [self._status(record.status_code, record.status_message)]
+        attributes = record.attributes
         if attributes:
             for part in self._pairs.lookup(
                 attributes, _pair_fragment, (TypeError, ValueError), drop_attribute

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any, Final, TextIO, cast
 
@@ -32,13 +31,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
 from clovisor.export import ExporterConfigError, ExportError
 from clovisor.export.otlp_encode import drop_attribute
 from clovisor.export.paircache import PairCache
+from clovisor.export.queue import QueuedExporter
+from clovisor.export.record import SpanRecord
+from clovisor.export.spans import SCOPE, to_readable_span
 
 __all__ = [
     "OtlpJsonExporter",
@@ -96,13 +97,13 @@ def request_to_otlp_json(request: ExportTraceServiceRequest) -> dict[str, Any]:
     return doc
 
 
-def reference_otlp_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
+def reference_otlp_json(records: Sequence[SpanRecord]) -> dict[str, Any]:
     """OTLP/JSON via the SDK encoder and ``json_format``: slow, but by the book.
 
     :func:`spans_to_otlp_json` must parse to exactly this; the tests hold it
     to that.
     """
-    return request_to_otlp_json(encode_spans(spans))
+    return request_to_otlp_json(encode_spans([to_readable_span(r) for r in records]))
 
 
 # --- Direct encoder ---------------------------------------------------------
@@ -110,7 +111,7 @@ def reference_otlp_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
 # encode_spans builds a protobuf object per attribute (~3 µs each) and
 # MessageToDict walks them again through descriptors: about 450 µs per
 # Clovisor span here, too slow for thousands of sessions a second. The direct
-# encoder writes the same JSON text straight from the SDK objects, mirroring
+# encoder writes the same JSON text straight from the span records, mirroring
 # encode_spans field by field, including what json_format omits (proto3
 # defaults) and how it spells 64-bit integers (as strings). It builds text,
 # not dicts, because json.dumps of the dicts alone cost more than the rest.
@@ -239,32 +240,26 @@ def _scope_json(scope: InstrumentationScope | None) -> str:
     return "{" + ",".join(fields) + "}"
 
 
-def _span_json(span: ReadableSpan) -> str:
-    ctx = span.context
-    assert ctx is not None  # context-less spans take the reference path
-    parts = [f'{{"traceId":"{ctx.trace_id:032x}","spanId":"{ctx.span_id:016x}"']
-    state = ctx.trace_state
-    if state:
-        parts.append(',"traceState":' + _q(",".join(f"{k}={v}" for k, v in state.items())))
-    parent = span.parent
+def _span_json(record: SpanRecord) -> str:
+    parts = [f'{{"traceId":"{record.trace_id:032x}","spanId":"{record.span_id:016x}"']
+    if record.trace_state:
+        parts.append(',"traceState":' + _q(record.trace_state))
+    parent = record.parent
     if parent is not None:
         parts.append(f',"parentSpanId":"{parent.span_id:016x}"')
-    if span.name:
-        parts.append(',"name":' + _q(span.name))
-    parts.append(f',"kind":{_KIND[span.kind]}')
-    if span.start_time:
-        parts.append(f',"startTimeUnixNano":"{span.start_time}"')
-    if span.end_time:
-        parts.append(f',"endTimeUnixNano":"{span.end_time}"')
-    attrs = _attributes_json(span.attributes)
+    if record.name:
+        parts.append(',"name":' + _q(record.name))
+    parts.append(f',"kind":{_KIND[record.kind]}')
+    if record.start_time:
+        parts.append(f',"startTimeUnixNano":"{record.start_time}"')
+    if record.end_time:
+        parts.append(f',"endTimeUnixNano":"{record.end_time}"')
+    attrs = _attributes_json(record.attributes)
     if attrs:
         parts.append(',"attributes":[' + attrs + "]")
-    if span.dropped_attributes:
-        parts.append(f',"droppedAttributesCount":{span.dropped_attributes}')
-    status = span.status
-    code = status.status_code.value
-    if status.description:
-        msg = '"message":' + _q(status.description)
+    code = record.status_code.value
+    if record.status_message:
+        msg = '"message":' + _q(record.status_message)
         parts.append(',"status":{' + msg + (f',"code":{code}}}' if code else "}"))
     else:
         parts.append(f',"status":{{"code":{code}}}' if code else ',"status":{}')
@@ -291,67 +286,46 @@ def _cached_resource_json(resource: Resource) -> str:
     return encoded
 
 
-_ScopeGroups = list[tuple[InstrumentationScope | None, list[str]]]
+_SCOPE_JSON: Final = _scope_json(SCOPE)
 
 
-def spans_to_otlp_json(spans: Sequence[ReadableSpan]) -> str:
-    """One OTLP/JSON line (without newline) for a batch of spans.
+def spans_to_otlp_json(records: Sequence[SpanRecord]) -> str:
+    """One OTLP/JSON line (without newline) for a batch of span records.
 
     Parses to exactly :func:`reference_otlp_json`'s document. ASCII-only, so
     it survives any stream encoding (C locale, pipes).
     """
-    for span in spans:
-        if span.context is None or span.events or span.links:
-            # Shapes Clovisor never produces: stay exact rather than fast.
-            return json.dumps(reference_otlp_json(spans), separators=(",", ":"))
-
-    # Group like encode_spans: by equal resource, then equal scope, in order
-    # of first appearance. Identity first; equality only once per new object.
-    groups: list[tuple[Resource, _ScopeGroups]] = []
-    by_resource_id: dict[int, _ScopeGroups] = {}
-    for span in spans:
-        resource = span.resource
-        scopes = by_resource_id.get(id(resource))
-        if scopes is None:
-            for known, known_scopes in groups:
+    # Group like encode_spans: by equal resource, in order of first
+    # appearance (every record has Clovisor's scope). Identity first;
+    # equality only once per new object.
+    groups: list[tuple[Resource, list[str]]] = []
+    by_resource_id: dict[int, list[str]] = {}
+    for record in records:
+        resource = record.resource
+        target = by_resource_id.get(id(resource))
+        if target is None:
+            for known, known_spans in groups:
                 if known is resource or known == resource:
-                    scopes = known_scopes
+                    target = known_spans
                     break
             else:
-                scopes = []
-                groups.append((resource, scopes))
-            by_resource_id[id(resource)] = scopes
-        scope = span.instrumentation_scope or None
-        target: list[str] | None = None
-        for known_scope, known_spans in scopes:
-            if known_scope is scope or known_scope == scope:
-                target = known_spans
-                break
-        if target is None:
-            target = []
-            scopes.append((scope, target))
-        target.append(_span_json(span))
+                target = []
+                groups.append((resource, target))
+            by_resource_id[id(resource)] = target
+        target.append(_span_json(record))
 
     if not groups:
         return "{}"
     # One join at the end: the spans are most of the text, and each
     # concatenation around them would copy all of it again.
     parts = ['{"resourceSpans":[']
-    for r, (resource, scopes) in enumerate(groups):
+    for r, (resource, spans) in enumerate(groups):
         parts.append(('{"resource":' if r == 0 else ',{"resource":')
-                     + _cached_resource_json(resource) + ',"scopeSpans":[')
-        for i, (scope, scope_spans) in enumerate(scopes):
-            parts.append(('{"scope":' if i == 0 else ',{"scope":') + _scope_json(scope)
-                         + ',"spans":[')
-            parts.append(",".join(scope_spans))
-            schema = (
-                ',"schemaUrl":' + _q(scope.schema_url)
-                if scope is not None and scope.schema_url
-                else ""
-            )
-            parts.append("]" + schema + "}")
+                     + _cached_resource_json(resource) + ',"scopeSpans":[{"scope":'
+                     + _SCOPE_JSON + ',"spans":[')
+        parts.append(",".join(spans))
         schema = ',"schemaUrl":' + _q(resource.schema_url) if resource.schema_url else ""
-        parts.append("]" + schema + "}")
+        parts.append("]}]" + schema + "}")
     parts.append("]}")
     return "".join(parts)
 
@@ -381,7 +355,7 @@ def read_otlp_json(source: str | os.PathLike[str] | IO[str]) -> list[ExportTrace
     return [otlp_json_to_request(json.loads(line)) for line in lines if line.strip()]
 
 
-class OtlpJsonExporter:
+class OtlpJsonExporter(QueuedExporter):
     """Appends one OTLP/JSON line per batch to a file, a stream or stdout (``-``).
 
     A path is opened at construction (append mode, so a restarted agent
@@ -389,7 +363,9 @@ class OtlpJsonExporter:
     :class:`ExporterConfigError` with the path and the reason.
     """
 
-    def __init__(self, target: str | os.PathLike[str] | TextIO) -> None:
+    def __init__(
+        self, target: str | os.PathLike[str] | TextIO, **queue_options: float | int
+    ) -> None:
         self._owned = False
         if isinstance(target, (str, os.PathLike)):
             if os.fspath(target) == "-":
@@ -404,37 +380,27 @@ class OtlpJsonExporter:
                 self._owned = True
         else:
             self._stream = target
-        self._lock = threading.Lock()
-        self._closed = False
+        super().__init__("otlp-json", **queue_options)
 
-    def export(self, spans: Sequence[ReadableSpan]) -> None:
-        if not spans:
-            return  # an empty request line would be noise to any reader
+    def write(self, batch: list[SpanRecord]) -> None:
         try:
-            doc = spans_to_otlp_json(spans)
+            doc = spans_to_otlp_json(batch)
         except (ValueError, TypeError, AttributeError, binascii.Error) as exc:
             raise ExportError(f"OTLP/JSON encoding failed: {exc}") from exc
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                # Flush per batch: a reader tailing the file (or a test) sees
-                # whole lines as soon as the batch is exported.
-                self._stream.write(doc)  # not doc + "\n": that would copy it once more
-                self._stream.write("\n")
-                self._stream.flush()
-            except (OSError, ValueError) as exc:
-                raise ExportError(f"OTLP/JSON write failed: {exc}") from exc
+        try:
+            # Flush per batch: a reader tailing the file (or a test) sees
+            # whole lines as soon as the batch is written.
+            self._stream.write(doc)  # not doc + "\n": that would copy it once more
+            self._stream.write("\n")
+            self._stream.flush()
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"OTLP/JSON write failed: {exc}") from exc
 
-    def shutdown(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                if self._owned:
-                    self._stream.close()
-                else:
-                    self._stream.flush()
-            except (OSError, ValueError):
-                pass  # nothing left to save; the owner closed it already
+    def close(self) -> None:
+        try:
+            if self._owned:
+                self._stream.close()
+            else:
+                self._stream.flush()
+        except (OSError, ValueError):
+            pass  # nothing left to save; the owner closed it already

@@ -1,14 +1,15 @@
-"""Session records -> OpenTelemetry spans.
+"""Session records -> span records (:class:`clovisor.export.record.SpanRecord`).
 
-We build ``ReadableSpan`` objects directly instead of going through a Tracer:
-a session is already finished when we learn of it, its times come from the
-kernel rather than from "now", and a Tracer would add a context switch, a
-sampler, a span processor and a lock per span for nothing. A ReadableSpan is
-exactly what the SDK exporters and ``encode_spans`` consume.
+No OpenTelemetry Tracer and no SDK span: a session is already finished when
+we learn of it, its times come from the kernel rather than from "now", and a
+Tracer would add a context switch, a sampler, a span processor and a lock
+per span for nothing. The encoders write OTLP straight from the record;
+:func:`to_readable_span` builds the SDK's ``ReadableSpan`` for the places
+that want one (the SDK's reference encoder, in tests).
 
 This runs once per session on the agent's hot path, so it touches few
-objects: one dict of attributes, one SpanContext, one ReadableSpan, and
-string work only for the fields that are present.
+objects: one dict of attributes, one tuple, and string work only for the
+fields that are present.
 
 Everything that came off the wire (method, target, headers, reason) is
 hostile: it may hold lone surrogates, control characters or credentials.
@@ -35,6 +36,7 @@ from opentelemetry.util.types import AttributeValue
 from clovisor import __version__
 from clovisor.core.events import Outcome, Protocol, Role, Session
 from clovisor.export.propagation import b3_trace_flags, jaeger_parent
+from clovisor.export.record import SpanRecord
 
 __all__ = [
     "DEFAULT_SENSITIVE_QUERY_KEYS",
@@ -43,6 +45,7 @@ __all__ = [
     "SENSITIVE_HEADERS",
     "redact_query",
     "session_to_span",
+    "to_readable_span",
 ]
 
 SCOPE: Final = InstrumentationScope("clovisor", __version__)
@@ -103,9 +106,8 @@ DEFAULT_SENSITIVE_QUERY_KEYS: Final = frozenset(
 )
 
 _REDACTED: Final = "REDACTED"
-_UNSET: Final = Status(StatusCode.UNSET)
-_STATUS_ERROR: Final = Status(StatusCode.ERROR)
-_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_UNSET: Final = StatusCode.UNSET
+_ERROR: Final = StatusCode.ERROR
 
 _TRACEPARENT_RE: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _B3_ID_RE: Final = re.compile(r"[0-9a-fA-F]{16}|[0-9a-fA-F]{32}")
@@ -257,10 +259,11 @@ _TRACESTATE_MAX_MEMBERS: Final = 32
 _TRACESTATE_MAX_LENGTH: Final = 8192
 
 
-def _parse_tracestate(value: str) -> TraceState | None:
-    """A valid tracestate, or None: W3C says drop it whole if any part is bad."""
+def _parse_tracestate(value: str) -> str:
+    """A valid tracestate as it goes on the wire, or "": W3C says drop it whole
+    if any part is bad."""
     if len(value) > _TRACESTATE_MAX_LENGTH:
-        return None
+        return ""
     pairs: dict[str, str] = {}
     for member in value.split(","):
         member = member.strip(" \t")
@@ -268,9 +271,9 @@ def _parse_tracestate(value: str) -> TraceState | None:
             continue
         m = _TRACESTATE_MEMBER_RE.fullmatch(member)
         if m is None or m.group(1) in pairs or len(pairs) >= _TRACESTATE_MAX_MEMBERS:
-            return None
+            return ""
         pairs[m.group(1)] = m.group(2)
-    return TraceState(list(pairs.items())) if pairs else None
+    return ",".join(f"{k}={v}" for k, v in pairs.items())
 
 
 def _remote_parent(
@@ -281,8 +284,8 @@ def _remote_parent(
     b3_span: str | None,
     b3_sampled: str | None = None,
     b3_flags: str | None = None,
-) -> tuple[int | None, SpanContext | None]:
-    """(trace id to join, parent context) from W3C or B3 headers, if valid.
+) -> tuple[int | None, SpanContext | None, str]:
+    """(trace id to join, parent context, tracestate) from W3C or B3 headers, if valid.
 
     Joining the caller's trace puts the network span inside the
     application's own trace in Jaeger. W3C wins over B3 when both are sent.
@@ -297,14 +300,11 @@ def _remote_parent(
                 tid = int(tid_hex, 16)
                 sid = int(sid_hex, 16)
                 if tid and sid:
-                    state = _parse_tracestate(tracestate) if tracestate else None
-                    return tid, SpanContext(
-                        tid,
-                        sid,
-                        is_remote=True,
-                        trace_flags=TraceFlags(int(flags_hex, 16)),
-                        trace_state=state,
+                    state = _parse_tracestate(tracestate) if tracestate else ""
+                    parent = SpanContext(
+                        tid, sid, is_remote=True, trace_flags=TraceFlags(int(flags_hex, 16))
                     )
+                    return tid, parent, state
     if b3 is not None:
         fields = b3.strip().split("-")
         if len(fields) >= 2:
@@ -312,7 +312,7 @@ def _remote_parent(
             sid_b3 = _b3_span_id(fields[1])
             if tid_b3 is not None and sid_b3 is not None:
                 flags = b3_trace_flags(fields[2] if len(fields) >= 3 else None)
-                return tid_b3, SpanContext(tid_b3, sid_b3, is_remote=True, trace_flags=flags)
+                return tid_b3, SpanContext(tid_b3, sid_b3, is_remote=True, trace_flags=flags), ""
     if b3_trace is not None:
         tid_b3 = _b3_trace_id(b3_trace)
         if tid_b3 is not None:
@@ -320,11 +320,10 @@ def _remote_parent(
             if sid_b3 is None:
                 # Only the trace id was recorded: still join the trace, as a
                 # root, rather than scatter the session into a trace of its own.
-                return tid_b3, None
-            return tid_b3, SpanContext(
-                tid_b3, sid_b3, is_remote=True, trace_flags=b3_trace_flags(b3_sampled, b3_flags)
-            )
-    return None, None
+                return tid_b3, None, ""
+            flags = b3_trace_flags(b3_sampled, b3_flags)
+            return tid_b3, SpanContext(tid_b3, sid_b3, is_remote=True, trace_flags=flags), ""
+    return None, None, ""
 
 
 def _header_key(cache: dict[str, str], prefix: str, name: str) -> str:
@@ -378,8 +377,7 @@ def session_to_span(
     interface_names: Mapping[int, str] | None = None,
     sensitive_query_keys: frozenset[str] = DEFAULT_SENSITIVE_QUERY_KEYS,
     redact_all_query: bool = False,
-    scope: InstrumentationScope = SCOPE,
-) -> ReadableSpan:
+) -> SpanRecord:
     """One finished span for one session.
 
     ``to_wall`` maps kernel CLOCK_MONOTONIC ns to epoch ns (see
@@ -523,6 +521,7 @@ def session_to_span(
     attrs["clovisor.response.bytes"] = session.response_bytes
 
     status = _UNSET
+    message: str | None = None
     if is_http:
         code = resp.status_code if resp is not None else 0
         # Semconv: 5xx fails a server span; 4xx/5xx fail a client span (the
@@ -530,50 +529,76 @@ def session_to_span(
         if code >= 500 or (code >= 400 and not is_server):
             attrs["error.type"] = str(code)
             # No description: the status code already says it all (semconv).
-            status = _STATUS_ERROR
+            status = _ERROR
         elif outcome is not Outcome.COMPLETE:
             failed = _FAILED_OUTCOMES.get(outcome)
             if failed is not None:
                 desc = failed[1] if resp is None else failed[2]
                 if desc is not None:
                     attrs["error.type"] = failed[0]
-                    status = Status(StatusCode.ERROR, desc)
+                    status, message = _ERROR, desc
     elif outcome is Outcome.RESET:
         # A raw TCP connection ends by FIN, idle or our shutdown normally;
         # only a reset is abnormal.
         attrs["error.type"] = "reset"
-        status = Status(StatusCode.ERROR, "connection reset")
+        status, message = _ERROR, "connection reset"
 
     parent: SpanContext | None = None
     trace_id: int | None = None
+    state = ""
     if traceparent is not None or b3 is not None or b3_trace is not None:
-        trace_id, parent = _remote_parent(
+        trace_id, parent, state = _remote_parent(
             traceparent, tracestate, b3, b3_trace, b3_span, b3_sampled, b3_flags
         )
     if trace_id is None and uber is not None:
         trace_id, parent = jaeger_parent(uber)
     if trace_id is None:
         trace_id = ids.generate_trace_id()
-    context = SpanContext(
-        trace_id,
-        ids.generate_span_id(),
-        is_remote=False,
-        trace_flags=_SAMPLED,
-        trace_state=parent.trace_state if parent is not None else None,
-    )
-
     start = to_wall(session.start_ns)
     end = to_wall(session.end_ns)
-    return ReadableSpan(
-        name=name,
-        context=context,
-        parent=parent,
-        resource=resource,
-        attributes=attrs,
-        kind=kind,
-        status=status,
-        start_time=start,
+    return SpanRecord(
+        name,
+        kind,
+        trace_id,
+        ids.generate_span_id(),
+        parent,
+        state,
+        start,
         # A span must not end before it starts, whatever the core reported.
-        end_time=end if end >= start else start,
+        end if end >= start else start,
+        attrs,
+        status,
+        message,
+        resource,
+    )
+
+
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+
+
+def to_readable_span(record: SpanRecord, scope: InstrumentationScope = SCOPE) -> ReadableSpan:
+    """The SDK's view of a record: what ``encode_spans`` and SDK exporters take.
+
+    Off the hot path (the encoders write OTLP from the record itself); it is
+    the bridge to the SDK's reference encoders the tests compare against.
+    """
+    state = (
+        TraceState([tuple(m.split("=", 1)) for m in record.trace_state.split(",")])  # type: ignore[misc]
+        if record.trace_state
+        else None
+    )
+    context = SpanContext(
+        record.trace_id, record.span_id, is_remote=False, trace_flags=_SAMPLED, trace_state=state
+    )
+    return ReadableSpan(
+        name=record.name,
+        context=context,
+        parent=record.parent,
+        resource=record.resource,
+        attributes=record.attributes,
+        kind=record.kind,
+        status=Status(record.status_code, record.status_message),
+        start_time=record.start_time,
+        end_time=record.end_time,
         instrumentation_scope=scope,
     )

@@ -453,7 +453,8 @@ def _exporter(spec: OutputSpec) -> Exporter:
         return ConsoleExporter(sys.stdout)
     if spec.kind == "otlp-json":
         return OtlpJsonExporter(spec.target)
-    from .export.otlp import OtlpExporter, resolve_config
+    from .export.otlp import OtlpExporter
+    from .export.otlp_config import resolve_config
 
     return OtlpExporter(resolve_config(spec.kind, spec.target))
 

@@ -28,7 +28,8 @@ from clovisor.core.events import Session
 from clovisor.export import Exporter, ExporterConfigError
 from clovisor.export import otlp as otlp_module
 from clovisor.export.ids import FastIdGenerator
-from clovisor.export.otlp import STATS_KEYS, OtlpConfig, OtlpExporter, resolve_config
+from clovisor.export.otlp import STATS_KEYS, OtlpExporter
+from clovisor.export.otlp_config import OtlpConfig, resolve_config
 from clovisor.export.otlp_encode import ProtobufSpanEncoder
 from clovisor.export.spans import session_to_span
 from tests.conftest import wait_until

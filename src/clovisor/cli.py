@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server port behind the interface; protocol http (default) or tcp")
     t.add_argument("--egress", action="append", default=[], type=_spec(parse_egress),
                    metavar="IP:PORT", help="trace requests to IP:PORT as CLIENT (0:PORT = any IP)")
-    t.add_argument("--output", action="append", type=_spec(parse_output), metavar="SPEC",
-                   help="console (default), otlp-json:PATH ('-' = stdout), otlp:grpc://HOST:PORT, "
+    t.add_argument("-o", "--output", action="append", type=_spec(parse_output), metavar="SPEC",
+                   help="console (default), json[:PATH] (one JSON object per session; stdout "
+                        "unless PATH), otlp-json:PATH ('-' = stdout), otlp:grpc://HOST:PORT, "
                         "otlp:http://HOST:PORT, or otlp (from OTEL_EXPORTER_OTLP_*); repeatable")
     t.add_argument("--service", metavar="NAME", help="service.name (default: interface name)")
     t.add_argument("--resource-attr", action="append", default=[], metavar="KEY=VALUE",
@@ -502,6 +503,10 @@ def _exporter(spec: OutputSpec) -> Exporter:
         return ConsoleExporter(sys.stdout)
     if spec.kind == "otlp-json":
         return OtlpJsonExporter(spec.target)
+    if spec.kind == "json":
+        from .export.jsonlines import JsonLinesExporter
+
+        return JsonLinesExporter(spec.target)
     from .export.otlp import OtlpExporter
     from .export.otlp_config import resolve_config
 

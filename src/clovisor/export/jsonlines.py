@@ -1,4 +1,4 @@
-"""``--output json[:PATH]``: one flat JSON object per session per line, for ``jq`` and log pipelines.
+"""``--output json[:PATH]``: one flat JSON object per session per line (jq, log pipelines).
 
 The console's facts with stable keys, nothing nested:
 

@@ -237,3 +237,57 @@ def test_doctor_as_nobody_says_what_is_missing() -> None:
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert "cannot trace here" in proc.stdout, proc.stdout
+
+
+# --- logging ---
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        pytest.param(["doctor", "--log-level", "debug"], {}, id="flag-after-subcommand"),
+        pytest.param(["--log-level", "DEBUG", "doctor"], {}, id="flag-before-subcommand"),
+        pytest.param(["doctor"], {"CLOVISOR_LOG_LEVEL": "debug"}, id="environment"),
+        pytest.param(["doctor", "-vv"], {}, id="v-after-subcommand"),
+        pytest.param(["-v", "doctor", "-v"], {}, id="v-on-both-sides-adds-up"),
+        pytest.param(["doctor", "--log-level", "debug"], {"CLOVISOR_LOG_LEVEL": "nonsense"},
+                     id="flag-wins-over-environment"),
+    ],
+)
+def test_log_level_from_flags_after_any_subcommand_or_environment(
+    args: list[str], env: dict[str, str]
+) -> None:
+    proc = clovisor(*args, env=env)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert " DEBUG clovisor: clovisor " in proc.stderr, proc.stderr
+
+
+def test_default_log_level_hides_debug() -> None:
+    proc = clovisor("doctor")
+    assert "DEBUG" not in proc.stderr, proc.stderr
+
+
+def test_json_log_format_gives_one_object_per_line() -> None:
+    proc = clovisor("doctor", "--log-level", "debug", "--log-format", "json")
+    lines = proc.stderr.splitlines()
+    assert lines, proc.stderr
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    first = records[0]
+    assert set(first) == {"time", "level", "logger", "message"}, first
+    assert first["level"] == "debug" and first["logger"] == "clovisor"
+    assert first["message"].startswith("clovisor ") and first["time"].endswith("Z")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needles"),
+    [
+        pytest.param(["doctor", "--log-level", "loud"], {}, ["--log-level", "'loud'"],
+                     id="bad-flag"),
+        pytest.param(["doctor"], {"CLOVISOR_LOG_LEVEL": "loud"}, ["CLOVISOR_LOG_LEVEL=loud"],
+                     id="bad-environment"),
+        pytest.param(["agent", "--log-format", "xml"], {}, ["--log-format", "xml"],
+                     id="bad-format"),
+    ],
+)
+def test_bad_log_settings_exit_2(args: list[str], env: dict[str, str], needles: list[str]) -> None:
+    assert_usage_error(clovisor(*args, env=env), *needles)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from . import __version__
 from .export import Exporter
+from .logs import notice
 from .specs import (
     OutputSpec,
     SpecError,
@@ -80,10 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="clovisor", description="eBPF tracer: one span per HTTP/1.x exchange")
     p.add_argument("--version", action="version", version=f"clovisor {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    _add_logging_flags(p, top=True)
+    # Every subcommand takes the logging flags too: a DaemonSet appends them
+    # to the image's "clovisor agent" without overriding its command.
+    common = _Parser(add_help=False)
+    _add_logging_flags(common, top=False)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("trace", help="trace interfaces of this network namespace")
+    t = sub.add_parser("trace", parents=[common], help="trace interfaces of this network namespace")
     t.add_argument("--iface", action="append", required=True, metavar="NAME",
                    help="interface to attach to (repeatable)")
     t.add_argument("--port", action="append", default=[], type=_spec(parse_port),
@@ -91,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server port behind the interface; protocol http (default) or tcp")
     t.add_argument("--egress", action="append", default=[], type=_spec(parse_egress),
                    metavar="IP:PORT", help="trace requests to IP:PORT as CLIENT (0:PORT = any IP)")
-    t.add_argument("--output", action="append", type=_spec(parse_output), metavar="SPEC",
-                   help="console (default), otlp-json:PATH ('-' = stdout), otlp:grpc://HOST:PORT, "
+    t.add_argument("-o", "--output", action="append", type=_spec(parse_output), metavar="SPEC",
+                   help="console (default), json[:PATH] (one JSON object per session; stdout "
+                        "unless PATH), otlp-json:PATH ('-' = stdout), otlp:grpc://HOST:PORT, "
                         "otlp:http://HOST:PORT, or otlp (from OTEL_EXPORTER_OTLP_*); repeatable")
     t.add_argument("--service", metavar="NAME", help="service.name (default: interface name)")
     t.add_argument("--resource-attr", action="append", default=[], metavar="KEY=VALUE",
@@ -103,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracer_flags(t)
     _add_telemetry_flags(t)
 
-    a = sub.add_parser("agent", help="the Kubernetes DaemonSet agent: trace this node's pods",
+    a = sub.add_parser("agent", parents=[common],
+                       help="the Kubernetes DaemonSet agent: trace this node's pods",
                        description="Trace the pods of this node that Redis key clovisor_labels "
                                    "selects; run it in the node's network namespace.")
     a.add_argument("--node", metavar="NAME",
@@ -120,14 +127,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracer_flags(a)
     _add_telemetry_flags(a)
 
-    sub.add_parser("doctor", help="check the kernel and privileges")
-    c = sub.add_parser("cleanup", help="remove hooks a killed clovisor left (clsact mode)")
+    sub.add_parser("doctor", parents=[common], help="check the kernel and privileges")
+    c = sub.add_parser("cleanup", parents=[common],
+                       help="remove hooks a killed clovisor left (clsact mode)")
     c.add_argument("--iface", action="append", metavar="NAME",
                    help="only these interfaces (default: all)")
-    d = sub.add_parser("demo", help="trace a small pod network built from namespaces")
+    d = sub.add_parser("demo", parents=[common],
+                       help="trace a small pod network built from namespaces")
     d.add_argument("--requests", type=_positive_int, default=40, metavar="N",
                    help="how many client requests to send (default 40)")
     return p
+
+
+def _add_logging_flags(p: argparse.ArgumentParser, *, top: bool) -> None:
+    from .logs import FORMATS, LEVELS, parse_level
+
+    # A subcommand's copy writes to its own names (argparse would let its
+    # defaults overwrite what was given before the subcommand); main() merges.
+    prefix = "" if top else "sub_"
+    p.add_argument("-v", "--verbose", action="count", default=0, dest=f"{prefix}verbose",
+                   help="more logging (repeatable)")
+    p.add_argument("--log-level", type=_spec(parse_level), dest=f"{prefix}log_level",
+                   metavar="LEVEL",
+                   help=f"{', '.join(LEVELS)} (default $CLOVISOR_LOG_LEVEL, else info for the "
+                        "agent, warning otherwise); -v lowers it by one step")
+    p.add_argument("--log-format", choices=FORMATS, dest=f"{prefix}log_format",
+                   help="text (default) or json: one JSON object per log line")
+
+
+def _merge_logging_flags(args: argparse.Namespace) -> None:
+    """The flags given after the subcommand win; -v counts on both sides."""
+    args.verbose += getattr(args, "sub_verbose", 0)
+    for name in ("log_level", "log_format"):
+        value = getattr(args, f"sub_{name}", None)
+        if value is not None:
+            setattr(args, name, value)
+    args.log_format = args.log_format or "text"
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    from .logs import parse_level
+
+    # An agent's log is where an operator looks first: attach, detach and
+    # configuration lines are INFO there.
+    default = "info" if args.command == "agent" else "warning"
+    if args.log_level is not None:
+        level = int(args.log_level)
+    else:
+        level = _setting(None, "--log-level", "CLOVISOR_LOG_LEVEL", default, parse_level)
+    return max(logging.DEBUG, level - 10 * int(args.verbose))
 
 
 def _add_tracer_flags(p: argparse.ArgumentParser) -> None:
@@ -207,18 +255,21 @@ class Telemetry:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .logs import setup
+
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    # An agent's log is where an operator looks first: attach, detach and
-    # configuration lines are INFO there.
-    quiet = logging.INFO if args.command == "agent" else logging.WARNING
-    logging.basicConfig(
-        level=max(logging.DEBUG, quiet - 10 * args.verbose),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _merge_logging_flags(args)
+    try:
+        setup(_log_level(args), args.log_format)
+    except UsageError as exc:
+        print(f"clovisor {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    log.debug("clovisor %s %s, log level %s", __version__, args.command,
+              logging.getLevelName(logging.getLogger("clovisor").getEffectiveLevel()))
     try:
         if args.command == "trace":
             return _trace(args)
@@ -321,10 +372,9 @@ def _trace(args: argparse.Namespace) -> int:
             telemetry.close()
             raise UsageError(f"cannot start tracing: {exc}") from None
         telemetry.health.set_ready(True)
-        print(
-            f"clovisor: tracing {', '.join(ifnames)} "
-            f"({', '.join(a.mode for a in tracer.attachments)}); Ctrl-C to stop",
-            file=sys.stderr,
+        notice(
+            f"tracing {', '.join(ifnames)} "
+            f"({', '.join(a.mode for a in tracer.attachments)}); Ctrl-C to stop"
         )
         deadline = None if args.duration is None else _now() + args.duration
         while not stop and not tracer.done.is_set():
@@ -337,7 +387,7 @@ def _trace(args: argparse.Namespace) -> int:
         telemetry.close()
         for s, h in old.items():
             signal.signal(s, h)
-    print(f"clovisor: {totals}", file=sys.stderr)
+    notice(str(totals))
     return 0
 
 
@@ -437,7 +487,7 @@ def _agent(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot start tracing: {result}")
     if isinstance(result, BaseException):
         raise result
-    print(f"clovisor: {result}", file=sys.stderr)
+    notice(str(result))
     return 0
 
 
@@ -453,7 +503,12 @@ def _exporter(spec: OutputSpec) -> Exporter:
         return ConsoleExporter(sys.stdout)
     if spec.kind == "otlp-json":
         return OtlpJsonExporter(spec.target)
-    from .export.otlp import OtlpExporter, resolve_config
+    if spec.kind == "json":
+        from .export.jsonlines import JsonLinesExporter
+
+        return JsonLinesExporter(spec.target)
+    from .export.otlp import OtlpExporter
+    from .export.otlp_config import resolve_config
 
     return OtlpExporter(resolve_config(spec.kind, spec.target))
 

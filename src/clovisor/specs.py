@@ -41,6 +41,7 @@ class OutputSpec:
     """Where spans go. ``kind`` and what ``target`` holds for it:
 
     - ``console``: nothing;
+    - ``json``: a file path, or ``-`` for stdout (one flat JSON object per session);
     - ``otlp-json``: a file path, or ``-`` for stdout;
     - ``otlp-grpc``: ``http://HOST:PORT`` (plaintext) or ``https://HOST:PORT``
       (TLS), the form ``OTEL_EXPORTER_OTLP_ENDPOINT`` takes for gRPC;
@@ -130,7 +131,7 @@ _OTLP_SCHEMES = {
 OTLP_HTTP_PATH = "/v1/traces"
 _HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 _OUTPUT_FORMS = (
-    "console, otlp-json:PATH, otlp:grpc://HOST:PORT, otlp:http://HOST:PORT[/PATH], "
+    "console, json[:PATH], otlp-json:PATH, otlp:grpc://HOST:PORT, otlp:http://HOST:PORT[/PATH], "
     "otlp:grpcs://... or otlp:https://... for TLS, or otlp (endpoint from OTEL_EXPORTER_OTLP_*)"
 )
 
@@ -196,7 +197,8 @@ def _parse_otlp_target(text: str, url: str) -> OutputSpec:
 def parse_output(text: str) -> OutputSpec:
     """One ``--output`` value.
 
-    ``console``; ``otlp-json:PATH`` (``-`` is stdout); ``otlp:grpc://HOST:PORT``
+    ``console``; ``json[:PATH]`` (one flat JSON object per session, stdout
+    by default); ``otlp-json:PATH`` (``-`` is stdout); ``otlp:grpc://HOST:PORT``
     or ``otlp:http://HOST:PORT[/PATH]`` (``grpcs``/``https`` for TLS; the port
     defaults to 4317/4318, the OTLP/HTTP path to ``/v1/traces``); ``otlp``
     alone takes endpoint and protocol from ``OTEL_EXPORTER_OTLP_*``.
@@ -204,6 +206,10 @@ def parse_output(text: str) -> OutputSpec:
     kind, sep, target = text.partition(":")
     if kind == "console" and not sep:
         return OutputSpec(kind="console")
+    if kind == "json":
+        if sep and not target:
+            raise SpecError(f"output {text!r}: json: needs a path (or - for stdout)")
+        return OutputSpec(kind="json", target=target or "-")
     if kind == "otlp-json":
         if not target:
             raise SpecError(f"output {text!r}: otlp-json needs a path (or - for stdout)")

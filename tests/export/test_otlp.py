@@ -24,7 +24,8 @@ from clovisor.core.events import Session
 from clovisor.export import Exporter, ExporterConfigError
 from clovisor.export import otlp as otlp_module
 from clovisor.export.ids import FastIdGenerator
-from clovisor.export.otlp import STATS_KEYS, OtlpConfig, OtlpExporter, resolve_config
+from clovisor.export.otlp import STATS_KEYS, OtlpExporter
+from clovisor.export.otlp_config import OtlpConfig, resolve_config
 from clovisor.export.otlp_encode import ProtobufSpanEncoder, reference_request
 from clovisor.export.record import SpanRecord
 from clovisor.export.spans import session_to_span

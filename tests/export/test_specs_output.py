@@ -11,6 +11,9 @@ from clovisor.specs import OutputSpec, SpecError, parse_output
     ("text", "kind", "target"),
     [
         ("console", "console", ""),
+        ("json", "json", "-"),
+        ("json:-", "json", "-"),
+        ("json:sessions.jsonl", "json", "sessions.jsonl"),
         ("otlp-json:spans.jsonl", "otlp-json", "spans.jsonl"),
         ("otlp-json:-", "otlp-json", "-"),
         ("otlp:grpc://jaeger:4317", "otlp-grpc", "http://jaeger:4317"),
@@ -42,6 +45,8 @@ def test_valid_outputs(text: str, kind: str, target: str) -> None:
         ("kafka", "unknown output"),
         ("console:x", "unknown output"),
         ("otlp-json:", "needs a path"),
+        ("json:", "needs a path"),
+        ("jsonl", "unknown output"),
         ("otlp:", "expected otlp:grpc://HOST:PORT"),
         ("otlp:ftp://h", "expected otlp:grpc://HOST:PORT"),
         ("otlp:grpc//h", "expected otlp:grpc://HOST:PORT"),

@@ -9,9 +9,11 @@ Python demo server in the ``py`` pod.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,3 +174,35 @@ def test_receiver_down_at_start_then_up_loses_nothing(
     assert r.wait_for_spans(5, timeout=20), (r.span_count(), t.stderr)
     assert t.stop() == 0, t.stderr
     assert r.span_count() == 5
+
+
+def test_json_lines_output_parses_back_and_matches_the_otlp_spans(
+    net: Net, tracer: TracerFactory, tmp_path: Path
+) -> None:
+    lines_path = tmp_path / "sessions.jsonl"
+    t = tracer(net.py.host_ifname, "-o", f"json:{lines_path}", "--service", "web")
+    net.curl(py_url(net, "/bytes/300"), "-o", "/dev/null")
+    net.curl(py_url(net, "/status/503?x=1"), "-o", "/dev/null")
+    net.curl("-X", "POST", "--data-binary", "x" * 2000, py_url(net, "/upload"),
+             "-o", "/dev/null")
+    spans = t.wait_for_spans(3)
+    assert len(spans) == 3, t.stderr
+    assert t.stop() == 0, t.stderr
+    records = [json.loads(line) for line in lines_path.read_text().splitlines()]
+    assert len(records) == 3
+    by_trace = {r["trace_id"]: r for r in records}
+    for sp in spans:  # the OTLP/JSON output of the same run: the same sessions
+        r = by_trace[sp.trace_id.hex()]
+        assert r["kind"] == "server" and r["service"] == "web"
+        assert r["method"] == sp["http.request.method"]
+        assert r["status"] == sp["http.response.status_code"]
+        assert r["client_address"] == net.client.ipv4 == sp["client.address"]
+        assert (r["server_address"], r["server_port"]) == (net.py.ipv4, PORT)
+        assert r["request_bytes"] == sp["clovisor.request.bytes"]
+        assert r["response_bytes"] == sp["clovisor.response.bytes"]
+        assert r["outcome"] == "complete"
+        assert r["duration_ms"] == pytest.approx((sp.end_ns - sp.start_ns) / 1e6, abs=0.001)
+    urls = sorted(r["url"] for r in records)
+    assert urls == ["/bytes/300", "/status/503?x=1", "/upload"]
+    upload = next(r for r in records if r["url"] == "/upload")
+    assert upload["method"] == "POST" and upload["request_bytes"] > 2000

@@ -613,10 +613,7 @@ class RedisConfigSource:
                 self._stop.wait(self.max_backoff)
 
     def _subscribe(self) -> None:
-        # redis-py leaves pubsub() unannotated; it returns a PubSub.
-        pubsub: redis.client.PubSub = self._client.pubsub(  # type: ignore[no-untyped-call]
-            ignore_subscribe_messages=True
-        )
+        pubsub: redis.client.PubSub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(CHANNEL_PLUGINS)
         except redis.exceptions.ResponseError as exc:

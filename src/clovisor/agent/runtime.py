@@ -29,7 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..export import Exporter
-from ..export.otlp import OtlpExporter, resolve_config
+from ..export.otlp import OtlpExporter
+from ..export.otlp_config import resolve_config
 from ..health import Health
 from ..kernel.attach import cleanup
 from ..kernel.errors import KernelError

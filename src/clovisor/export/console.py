@@ -8,7 +8,6 @@ repaint the operator's terminal.
 
 from __future__ import annotations
 
-import contextlib
 import http
 import time
 from collections.abc import Mapping
@@ -17,8 +16,7 @@ from typing import Final, TextIO
 from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
 
-from clovisor.export import ExportError
-from clovisor.export.queue import QueuedExporter
+from clovisor.export.queue import StreamExporter
 from clovisor.export.record import SpanRecord
 
 __all__ = ["ConsoleExporter", "format_span"]
@@ -133,23 +131,11 @@ def format_span(span: SpanRecord) -> str:
     return " ".join(parts)
 
 
-class ConsoleExporter(QueuedExporter):
-    """Writes one line per span to a text stream, flushing once per batch."""
+class ConsoleExporter(StreamExporter):
+    """Writes one line per span to a text stream, once per batch."""
 
     def __init__(self, stream: TextIO, **queue_options: float | int) -> None:
-        self._stream = stream
-        super().__init__("console", **queue_options)
+        super().__init__("console", stream, **queue_options)
 
-    def write(self, batch: list[SpanRecord]) -> None:
-        # One write per batch: cheaper than one per line.
-        text = "".join(format_span(span) + "\n" for span in batch)
-        try:
-            self._stream.write(text)
-            self._stream.flush()
-        except (OSError, ValueError) as exc:  # ValueError: closed stream
-            raise ExportError(f"console export failed: {exc}") from exc
-
-    def close(self) -> None:
-        # The stream's owner may have closed it already: nothing to flush.
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.flush()
+    def format(self, batch: list[SpanRecord]) -> str:
+        return "".join(format_span(span) + "\n" for span in batch)

@@ -21,7 +21,6 @@ import binascii
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any, Final, TextIO, cast
 
@@ -34,10 +33,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
-from clovisor.export import ExporterConfigError, ExportError
+from clovisor.export import ExportError
 from clovisor.export.otlp_encode import drop_attribute
 from clovisor.export.paircache import PairCache
-from clovisor.export.queue import QueuedExporter
+from clovisor.export.queue import StreamExporter
 from clovisor.export.record import SpanRecord
 from clovisor.export.spans import SCOPE, to_readable_span
 
@@ -355,52 +354,16 @@ def read_otlp_json(source: str | os.PathLike[str] | IO[str]) -> list[ExportTrace
     return [otlp_json_to_request(json.loads(line)) for line in lines if line.strip()]
 
 
-class OtlpJsonExporter(QueuedExporter):
-    """Appends one OTLP/JSON line per batch to a file, a stream or stdout (``-``).
-
-    A path is opened at construction (append mode, so a restarted agent
-    does not truncate what the previous one wrote); failure raises
-    :class:`ExporterConfigError` with the path and the reason.
-    """
+class OtlpJsonExporter(StreamExporter):
+    """Appends one OTLP/JSON line per batch to a file, a stream or stdout (``-``)."""
 
     def __init__(
         self, target: str | os.PathLike[str] | TextIO, **queue_options: float | int
     ) -> None:
-        self._owned = False
-        if isinstance(target, (str, os.PathLike)):
-            if os.fspath(target) == "-":
-                self._stream: TextIO = sys.stdout
-            else:
-                try:
-                    self._stream = open(target, "a", encoding="utf-8")  # noqa: SIM115
-                except OSError as exc:
-                    raise ExporterConfigError(
-                        f"cannot open OTLP/JSON output {os.fspath(target)!r}: {exc.strerror or exc}"
-                    ) from exc
-                self._owned = True
-        else:
-            self._stream = target
-        super().__init__("otlp-json", **queue_options)
+        super().__init__("OTLP/JSON", target, **queue_options)
 
-    def write(self, batch: list[SpanRecord]) -> None:
+    def format(self, batch: list[SpanRecord]) -> str:
         try:
-            doc = spans_to_otlp_json(batch)
+            return spans_to_otlp_json(batch) + "\n"
         except (ValueError, TypeError, AttributeError, binascii.Error) as exc:
             raise ExportError(f"OTLP/JSON encoding failed: {exc}") from exc
-        try:
-            # Flush per batch: a reader tailing the file (or a test) sees
-            # whole lines as soon as the batch is written.
-            self._stream.write(doc)  # not doc + "\n": that would copy it once more
-            self._stream.write("\n")
-            self._stream.flush()
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"OTLP/JSON write failed: {exc}") from exc
-
-    def close(self) -> None:
-        try:
-            if self._owned:
-                self._stream.close()
-            else:
-                self._stream.flush()
-        except (OSError, ValueError):
-            pass  # nothing left to save; the owner closed it already

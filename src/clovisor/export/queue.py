@@ -21,15 +21,25 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, TextIO
 
+from . import ExporterConfigError, ExportError
 from .record import SpanRecord
 
-__all__ = ["DEFAULT_QUEUE_SIZE", "GiveUp", "QueuedExporter", "SpanQueue", "Throttle"]
+__all__ = [
+    "DEFAULT_QUEUE_SIZE",
+    "GiveUp",
+    "QueuedExporter",
+    "SpanQueue",
+    "StreamExporter",
+    "Throttle",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -293,3 +303,53 @@ class QueuedExporter:
 
     def close(self) -> None:
         return None
+
+
+class StreamExporter(QueuedExporter):
+    """Appends the text of each batch to a file, a text stream or stdout (``-``).
+
+    A path is opened at construction, for append (a restarted agent must not
+    truncate what the previous one wrote); failure raises
+    :class:`~clovisor.export.ExporterConfigError` naming it. The stream is
+    flushed per batch, so a reader tailing the file sees whole lines.
+    """
+
+    def __init__(
+        self, name: str, target: str | os.PathLike[str] | TextIO, **queue_options: float | int
+    ) -> None:
+        self._owned = False
+        if isinstance(target, (str, os.PathLike)):
+            if os.fspath(target) == "-":
+                self._stream: TextIO = sys.stdout
+            else:
+                try:
+                    self._stream = open(target, "a", encoding="utf-8")  # noqa: SIM115
+                except OSError as exc:
+                    raise ExporterConfigError(
+                        f"cannot open {name} output {os.fspath(target)!r}: {exc.strerror or exc}"
+                    ) from exc
+                self._owned = True
+        else:
+            self._stream = target
+        super().__init__(name, **queue_options)
+
+    def format(self, batch: list[SpanRecord]) -> str:
+        """The text of one batch, ending with a newline."""
+        raise NotImplementedError
+
+    def write(self, batch: list[SpanRecord]) -> None:
+        text = self.format(batch)
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: a closed stream
+            raise ExportError(f"{self._queue.name} write failed: {exc}") from exc
+
+    def close(self) -> None:
+        try:
+            if self._owned:
+                self._stream.close()
+            else:
+                self._stream.flush()
+        except (OSError, ValueError):
+            pass  # nothing left to save: the owner closed it already

@@ -1,10 +1,11 @@
 """OTLP/protobuf export to Jaeger or an OpenTelemetry Collector (gRPC or HTTP).
 
-``export()`` runs on the pipeline's exporter thread, which must never stall
-behind the network: it only appends the spans to a bounded queue and
-returns. One sender thread per exporter takes batches off the queue,
-encodes them (:mod:`clovisor.export.otlp_encode`) and sends them, retrying
-transient failures with exponential backoff while new spans keep queueing.
+``export()`` runs on the tracker thread, which must never stall behind the
+network: it only appends the records to the output's bounded queue
+(:class:`~clovisor.export.queue.SpanQueue`) and returns. The queue's sender
+thread takes batches off it, and this module encodes them
+(:mod:`clovisor.export.otlp_encode`) and sends them, retrying transient
+failures with exponential backoff while new records keep queueing.
 
 Failure policy
 --------------
@@ -43,11 +44,8 @@ read from flags and the standard ``OTEL_EXPORTER_OTLP_*`` variables by
 from __future__ import annotations
 
 import logging
-import math
 import random
-import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -59,6 +57,15 @@ from clovisor.export.otlp_transport import (
     Outcome,
     Transport,
     printable,
+)
+from clovisor.export.queue import (
+    DEFAULT_BATCH_INTERVAL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    GiveUp,
+    SpanQueue,
+    Throttle,
 )
 from clovisor.export.record import SpanRecord
 
@@ -76,14 +83,10 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_QUEUE_SIZE: Final = 20_000
-DEFAULT_BATCH_SIZE: Final = 512
-DEFAULT_BATCH_INTERVAL: Final = 1.0
 DEFAULT_BACKOFF_INITIAL: Final = 0.5
 DEFAULT_BACKOFF_MAX: Final = 30.0
 DEFAULT_BACKOFF_JITTER: Final = 0.2
 DEFAULT_MAX_RETRY_TIME: Final = 300.0  # the Collector's own retry_on_failure default
-DEFAULT_SHUTDOWN_TIMEOUT: Final = 5.0
 # The Collector's and Jaeger's gRPC receivers refuse messages over 4 MiB by
 # default; larger batches are split before sending.
 DEFAULT_MAX_REQUEST_BYTES: Final = 4_000_000
@@ -95,29 +98,6 @@ STATS_KEYS: Final = (
     "queue_size",
     "send_retries",
 )
-
-
-_LOG_INTERVAL: Final = 60.0  # at most one repeated warning per this many seconds
-
-
-class _Throttle:
-    """Lets a repeated warning through at most once per interval."""
-
-    def __init__(self, interval: float = _LOG_INTERVAL) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
-
-    def allow(self, key: str) -> bool:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            return False
-        self._last[key] = now
-        return True
-
-
-class _GiveUp(Exception):
-    """Shutdown's deadline passed: leave the rest to shutdown()'s accounting."""
 
 
 class OtlpExporter:
@@ -162,19 +142,15 @@ class OtlpExporter:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         encoder: ProtobufSpanEncoder | None = None,
     ) -> None:
-        if queue_size < 1 or batch_size < 1 or max_request_bytes < 1:
-            raise ValueError("queue_size, batch_size and max_request_bytes must be positive")
+        if max_request_bytes < 1:
+            raise ValueError("max_request_bytes must be positive")
         if not (0 < backoff_initial <= backoff_max) or not 0 <= backoff_jitter < 1:
             raise ValueError("need 0 < backoff_initial <= backoff_max and 0 <= backoff_jitter < 1")
-        if batch_interval <= 0 or max_retry_time < 0 or shutdown_timeout < 0:
-            raise ValueError("batch_interval must be positive, the timeouts non-negative")
+        if max_retry_time < 0:
+            raise ValueError("max_retry_time must not be negative")
         self.config = config
-        self._capacity = queue_size
-        self._batch_size = min(batch_size, queue_size)
-        self._batch_interval = batch_interval
         self._backoff = (backoff_initial, backoff_max, backoff_jitter)
         self._max_retry_time = max_retry_time
-        self._shutdown_timeout = shutdown_timeout
         self._max_request_bytes = max_request_bytes
         self._encoder = encoder or ProtobufSpanEncoder()
         self._transport: Transport = (
@@ -184,26 +160,17 @@ class OtlpExporter:
         )
         # Only for the jitter: not security-relevant.
         self._random = random.Random()
-        self._throttle = _Throttle()
-
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: deque[SpanRecord] = deque(maxlen=queue_size)
-        self._in_flight = 0  # spans taken by the sender and not yet accounted
-        self._exported = 0
-        self._failed = 0
-        self._dropped = 0
-        self._retries = 0
-        self._flush_waiters = 0
-        self._closing = False
-        self._finished = False
-        self._deadline = math.inf  # set by shutdown()
-        self._wake = threading.Event()  # cuts a backoff sleep short
+        self._throttle = Throttle()
+        self._retries = 0  # only the sender thread writes it
         self._failing_since: float | None = None
-
-        self._thread = threading.Thread(
-            target=self._run, name=f"clovisor-otlp {config.describe()}", daemon=True
+        self._queue = SpanQueue(
+            f"OTLP {config.describe()}",
+            self._deliver,
+            capacity=queue_size,
+            batch_size=batch_size,
+            batch_interval=batch_interval,
+            shutdown_timeout=shutdown_timeout,
         )
-        self._thread.start()
 
     @classmethod
     def from_output(
@@ -217,61 +184,17 @@ class OtlpExporter:
         """An exporter for a parsed ``--output`` (see :func:`resolve_config`)."""
         return cls(resolve_config(kind, target, environ), **options)
 
-    # --- the exporter thread's side ------------------------------------------
-
     def export(self, spans: Sequence[SpanRecord]) -> None:
         """Queue the spans and return at once; the oldest are dropped when full."""
-        n = len(spans)
-        if not n:
-            return
-        with self._cond:
-            if self._closing:
-                self._dropped += n
-                return
-            queue = self._queue
-            before = len(queue)
-            overflow = before + n - self._capacity
-            if overflow > 0:
-                self._dropped += overflow
-                if self._throttle.allow("overflow"):
-                    _logger.warning(
-                        "OTLP %s: queue full (%d spans), dropping the oldest; %d dropped so far",
-                        self.config.describe(),
-                        self._capacity,
-                        self._dropped,
-                    )
-            queue.extend(spans)  # deque(maxlen) discards from the left
-            if before == 0 or len(queue) >= self._batch_size > before:
-                # notify_all: flush() callers wait on the same condition and
-                # must not swallow the sender's wake-up.
-                self._cond.notify_all()
+        self._queue.export(spans)
 
     def stats(self) -> dict[str, int]:
         """The counters described in the class docstring (keys: :data:`STATS_KEYS`)."""
-        with self._cond:
-            return {
-                "spans_exported": self._exported,
-                "spans_failed": self._failed,
-                "spans_dropped": self._dropped,
-                "queue_size": len(self._queue),
-                "send_retries": self._retries,
-            }
+        return {**self._queue.stats(), "send_retries": self._retries}
 
     def flush(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> bool:
         """Wait until everything queued has been sent or given up; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            self._flush_waiters += 1
-            self._cond.notify_all()
-            try:
-                while self._queue or self._in_flight:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._finished:
-                        return not (self._queue or self._in_flight)
-                    self._cond.wait(remaining)
-                return True
-            finally:
-                self._flush_waiters -= 1
+        return self._queue.flush(timeout)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Send what is queued for up to ``timeout`` seconds, then stop.
@@ -279,95 +202,25 @@ class OtlpExporter:
         What is still unsent then is counted in ``spans_dropped``. Later
         calls, and exports after this one, do nothing but count.
         """
-        budget = self._shutdown_timeout if timeout is None else max(0.0, timeout)
-        with self._cond:
-            if self._closing:
-                return
-            self._closing = True
-            self._deadline = time.monotonic() + budget
-            self._cond.notify_all()
-        self._wake.set()
-        self._thread.join(max(0.0, self._deadline - time.monotonic()))
         # Stuck in a send (a receiver that accepts and never answers): closing
         # the transport wakes it; it then finds the deadline passed.
+        left = self._queue.shutdown(timeout, on_stuck=self._transport.close)
         self._transport.close()
-        with self._cond:
-            self._finished = True
-            left = len(self._queue) + self._in_flight
-            self._dropped += left
-            self._queue.clear()
-            self._in_flight = 0
-            self._cond.notify_all()
-            totals = (self._exported, self._failed, self._dropped)
         if left:
             _logger.warning(
                 "OTLP %s: %d spans unsent at shutdown (receiver unreachable or too slow)",
                 self.config.describe(),
                 left,
             )
+        stats = self._queue.stats()
         _logger.debug(
-            "OTLP %s: %d exported, %d failed, %d dropped", self.config.describe(), *totals
-        )
+            "OTLP %s: %d exported, %d failed, %d dropped", self.config.describe(),
+            stats["spans_exported"], stats["spans_failed"], stats["spans_dropped"],
+        )  # fmt: skip
 
-    # --- the sender thread ---------------------------------------------------
+    # --- the sender thread -----------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._deliver(batch)
-            except _GiveUp:
-                return  # shutdown() counts what is left
-            except Exception:
-                # A bug here must not end export for the agent's lifetime.
-                _logger.exception("OTLP %s: sending a batch failed", self.config.describe())
-                with self._cond:
-                    if not self._finished:
-                        self._failed += self._in_flight
-                        self._in_flight = 0
-            with self._cond:
-                self._cond.notify_all()  # flush() waiters
-
-    def _next_batch(self) -> list[SpanRecord] | None:
-        with self._cond:
-            queue = self._queue
-            while not queue and not self._closing:
-                self._cond.wait()
-            if (
-                queue
-                and len(queue) < self._batch_size
-                and not self._closing
-                and not self._flush_waiters
-            ):
-                # Give a partial batch a moment to fill: one request of 512
-                # spans costs far less than 512 requests of one.
-                self._cond.wait_for(
-                    lambda: len(queue) >= self._batch_size or self._closing or self._flush_waiters,
-                    self._batch_interval,
-                )
-            if not queue or time.monotonic() >= self._deadline or self._finished:
-                return None
-            n = min(self._batch_size, len(queue))
-            if n == len(queue):
-                batch = list(queue)
-                queue.clear()
-            else:
-                batch = [queue.popleft() for _ in range(n)]
-            self._in_flight = n
-            return batch
-
-    def _account(self, *, of: int, exported: int = 0, failed: int = 0, dropped: int = 0) -> None:
-        with self._cond:
-            if self._finished:
-                return  # shutdown() has counted these as dropped already
-            self._exported += exported
-            self._failed += failed
-            self._dropped += dropped
-            self._in_flight -= of
-
-    def _deliver(self, batch: list[SpanRecord]) -> None:
+    def _deliver(self, batch: list[SpanRecord], queue: SpanQueue) -> None:
         pending = [batch]
         while pending:
             spans = pending.pop()
@@ -377,7 +230,7 @@ class OtlpExporter:
                 _logger.exception(
                     "OTLP %s: cannot encode %d spans", self.config.describe(), len(spans)
                 )
-                self._account(failed=len(spans), of=len(spans))
+                queue.account(failed=len(spans), of=len(spans))
                 continue
             if len(body) > self._max_request_bytes:
                 if len(spans) > 1:
@@ -391,26 +244,26 @@ class OtlpExporter:
                     len(body),
                     self._max_request_bytes,
                 )
-                self._account(failed=1, of=1)
+                queue.account(failed=1, of=1)
                 continue
-            self._send(self._transport.prepare(body), len(spans))
+            self._send(self._transport.prepare(body), len(spans), queue)
 
-    def _send(self, body: bytes, n: int) -> None:
+    def _send(self, body: bytes, n: int, queue: SpanQueue) -> None:
         """Send one request until it is accepted, refused, or given up."""
         initial, cap, jitter = self._backoff
         first_try = time.monotonic()
         attempt = 0
         while True:
             timeout = self.config.timeout
-            remaining = self._deadline - time.monotonic()
+            remaining = queue.deadline - time.monotonic()
             if remaining <= 0:
-                raise _GiveUp
+                raise GiveUp
             outcome = self._transport.send(body, min(timeout, remaining))
             if outcome.ok:
-                self._on_success(outcome, n)
+                self._on_success(outcome, n, queue)
                 return
             if not outcome.retryable:
-                self._account(failed=n, of=n)
+                queue.account(failed=n, of=n)
                 if self._throttle.allow("permanent"):
                     _logger.error(
                         "OTLP %s: receiver refused %d spans: %s (not retried)",
@@ -429,7 +282,7 @@ class OtlpExporter:
                     outcome.detail,
                 )
             if now - first_try >= self._max_retry_time:
-                self._account(dropped=n, of=n)
+                queue.account(dropped=n, of=n)
                 _logger.error(
                     "OTLP %s: gave up on %d spans after %.0f s of retries: %s",
                     self.config.describe(),
@@ -443,22 +296,22 @@ class OtlpExporter:
             if outcome.retry_after is not None:
                 delay = max(delay, min(outcome.retry_after, cap))
             attempt += 1
-            with self._cond:
-                self._retries += 1
+            self._retries += 1
             if outcome.reconnect:
                 self._transport.reconnect()
-            self._sleep(min(delay, self._deadline - time.monotonic()))
+            self._sleep(min(delay, queue.deadline - time.monotonic()), queue)
 
-    def _sleep(self, seconds: float) -> None:
-        if seconds > 0 and self._wake.wait(seconds):
+    @staticmethod
+    def _sleep(seconds: float, queue: SpanQueue) -> None:
+        if seconds > 0 and queue.woken.wait(seconds):
             # Shutdown began (it sets the event once): retry at once, as the
             # receiver may be back, then keep the schedule, which the
             # shutdown deadline bounds.
-            self._wake.clear()
+            queue.woken.clear()
 
-    def _on_success(self, outcome: Outcome, n: int) -> None:
+    def _on_success(self, outcome: Outcome, n: int, queue: SpanQueue) -> None:
         rejected = min(max(outcome.rejected, 0), n)
-        self._account(exported=n - rejected, failed=rejected, of=n)
+        queue.account(exported=n - rejected, failed=rejected, of=n)
         if rejected and self._throttle.allow("partial"):
             _logger.error(
                 "OTLP %s: receiver rejected %d of %d spans: %s",

@@ -47,7 +47,7 @@ DEFAULT_QUEUE_SIZE: Final = 20_000
 DEFAULT_BATCH_SIZE: Final = 512
 DEFAULT_BATCH_INTERVAL: Final = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 5.0
-_LOG_INTERVAL: Final = 30.0
+_LOG_INTERVAL: Final = 60.0  # at most one repeated warning per this many seconds
 
 
 class GiveUp(Exception):

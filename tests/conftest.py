@@ -28,6 +28,26 @@ from clovisor.topology import Topology
 KERNEL_TEST_FEATURES = (*features.ESSENTIAL, "cap_sys_admin", "iproute2")
 
 
+def _stale_compiled_modules() -> list[str]:
+    """Compiled modules older than their source: they would shadow the edit."""
+    src = Path(__file__).resolve().parent.parent / "src"
+    stale = []
+    for so in src.rglob("*.so"):
+        py = so.with_name(so.name.split(".", 1)[0] + ".py")
+        if py.exists() and py.stat().st_mtime > so.stat().st_mtime:
+            stale.append(str(py.relative_to(src)))
+    return stale
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    stale = _stale_compiled_modules()
+    if stale and not os.environ.get("CLOVISOR_PURE_PYTHON"):
+        raise pytest.UsageError(
+            f"compiled modules are older than their sources ({', '.join(stale)}): "
+            "run `make setup` to rebuild them, or set CLOVISOR_PURE_PYTHON=1"
+        )
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 

@@ -514,11 +514,13 @@ def _exporter(spec: OutputSpec) -> Exporter:
 
 
 def _doctor() -> int:
+    from .build import describe
     from .kernel.features import check
 
     features = check()
     for f in features:
         print(f)
+    print(f"[info] build: {describe()[1]}")
     missing = [f for f in features if f.essential and not f.ok]
     if missing:
         print(f"clovisor cannot trace here: {', '.join(f.name for f in missing)} missing")

@@ -391,7 +391,7 @@ def session_to_span(
     is_server = session.role is Role.SERVER
     req = session.request
     resp = session.response
-    is_http = session.protocol is Protocol.HTTP
+    is_http = session.protocol == Protocol.HTTP
 
     name = "TCP"
     scheme: str | None = None

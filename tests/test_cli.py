@@ -23,7 +23,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="non-root gets the privil
 
 # What the agent reads from its environment: cleared unless a test sets it.
 AGENT_ENV = ("MY_NODE_NAME", "KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT",
-             "CLOVISOR_REDIS", "CLOVISOR_JAEGER")
+             "CLOVISOR_REDIS", "CLOVISOR_JAEGER", "CLOVISOR_LOG_LEVEL")
 
 
 def clovisor(*args: str, prefix: tuple[str, ...] = (), timeout: float = 60,
@@ -168,6 +168,20 @@ BAD_AGENT_INPUT = [
                  ["2"], id="sample-ratio-out-of-range"),
     pytest.param(["--node", "n1", "--kubeconfig", KUBE], {"OTEL_EXPORTER_OTLP_HEADERS": "x"},
                  ["OTEL_EXPORTER_OTLP_HEADERS"], id="otlp-headers-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE],
+                 {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"},
+                 ["OTEL_EXPORTER_OTLP_ENDPOINT", "http://"], id="otlp-endpoint-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE],
+                 {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"},
+                 ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"], id="otlp-protocol-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE], {"OTEL_EXPORTER_OTLP_TIMEOUT": "-1"},
+                 ["OTEL_EXPORTER_OTLP_TIMEOUT"], id="otlp-timeout-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE], {"OTEL_EXPORTER_OTLP_INSECURE": "yes"},
+                 ["OTEL_EXPORTER_OTLP_INSECURE", "true or false"], id="otlp-insecure-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE],
+                 {"OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent/ca.pem"},
+                 ["OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"],
+                 id="otlp-certificate-missing"),
 ]
 
 

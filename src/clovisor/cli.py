@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Redis holding the configuration (default $CLOVISOR_REDIS or "
                         f"{DEFAULT_REDIS}); a redis://, rediss:// or unix:// URL too")
     a.add_argument("--jaeger", metavar="HOST[:PORT]",
-                   help=f"OTLP gRPC endpoint while Redis key clovisor_jaeger_server is unset "
+                   help=f"OTLP gRPC endpoint while neither Redis key clovisor_jaeger_server "
+                        f"nor OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT names one "
                         f"(default $CLOVISOR_JAEGER or {JaegerEndpoint()})")
     _add_tracer_flags(a)
     _add_telemetry_flags(a)
@@ -263,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     _merge_logging_flags(args)
+    # gRPC's C core writes its own lines to stderr, past the logging setup
+    # (one at INFO each time a receiver closes a connection): errors only,
+    # unless the operator asked for more. Read when grpc is first imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         setup(_log_level(args), args.log_format)
     except UsageError as exc:
@@ -421,6 +426,7 @@ def _agent(args: argparse.Namespace) -> int:
     # Kubernetes and Redis clients are even imported.
     if os.geteuid() != 0:
         _require_root()
+    from .agent.destination import Destination
     from .agent.kube import KubeError, api_client
     from .agent.model import DEFAULT_REDIS
     from .agent.redisconf import parse_jaeger, redis_url
@@ -433,13 +439,17 @@ def _agent(args: argparse.Namespace) -> int:
     url = _setting(args.redis, "--redis", "CLOVISOR_REDIS", DEFAULT_REDIS, redis_url)
     default_jaeger = _setting(args.jaeger, "--jaeger", "CLOVISOR_JAEGER", "", parse_jaeger)
     try:
+        destination = Destination.from_environment(default_jaeger)
+    except ExporterConfigError as exc:
+        raise UsageError(str(exc)) from None
+    try:
         api = api_client(args.kubeconfig)
     except KubeError as exc:
         raise UsageError(str(exc)) from None
     settings = AgentSettings(
         node_name=node,
         redis_url=url,
-        default_jaeger=default_jaeger,
+        destination=destination,
         tracer=tracer_settings,
     )
     telemetry = Telemetry(args)

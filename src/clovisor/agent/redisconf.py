@@ -9,8 +9,9 @@ Keys (the original Clovisor's, ``shared/ORIGINAL.md``):
     ``<IP>:<port>[:<pod name prefix>]``; IP ``0`` is any address,
     ``[v6]:port`` for IPv6.
 ``clovisor_jaeger_server`` (string)
-    ``host[:port]`` of the OTLP collector; default
-    ``jaeger-collector.clovisor:4317`` (OTLP gRPC).
+    ``host[:port]`` of the OTLP/gRPC collector (port 4317 by default). While
+    it is unset or unusable, the agent's own settings decide
+    (:mod:`clovisor.agent.destination`).
 ``clovisor_proto_cfg`` (hash)
     protocol name -> parser reference (see :mod:`clovisor.agent.plugins`).
 Channel ``clovisor_proto_plugin_cfg_chan``
@@ -353,14 +354,13 @@ def build_config(
     lengths: Mapping[str, int] | None = None,
     *,
     max_entries: int = MAX_ENTRIES,
-    default_jaeger: JaegerEndpoint | None = None,
 ) -> tuple[AgentConfig, list[str]]:
     """One read of the keys -> (configuration, one line per problem).
 
     ``values`` maps each key to what Redis returned (None: missing,
     :class:`WrongType`: another type); ``lengths`` gives the real size of
-    lists and hashes that were read only up to ``max_entries``;
-    ``default_jaeger`` is the endpoint while the key is unset or unusable.
+    lists and hashes that were read only up to ``max_entries``. The
+    configuration's ``jaeger`` is None while the key is unset or unusable.
     """
     errors: list[str] = []
     lengths = lengths or {}
@@ -392,20 +392,22 @@ def build_config(
         egress += rules
         errors += errs
 
-    jaeger = default_jaeger or JaegerEndpoint()
+    jaeger: JaegerEndpoint | None = None
+    ignored = "spans go where the agent's own settings say"
     jaeger_raw = values.get(KEY_JAEGER)
     if isinstance(jaeger_raw, WrongType | list | dict):
-        errors.append(f"{KEY_JAEGER} is not a Redis string; using {jaeger}")
+        errors.append(f"{KEY_JAEGER} is not a Redis string; {ignored}")
     elif jaeger_raw is not None:
         if lengths.get(KEY_JAEGER, 0) > len(jaeger_raw):
             errors.append(
-                f"{KEY_JAEGER}: {lengths[KEY_JAEGER]} bytes is no host[:port]; using {jaeger}"
+                f"{KEY_JAEGER}: {lengths[KEY_JAEGER]} bytes is no host[:port]; {ignored}"
             )
         else:
             try:
-                jaeger = parse_jaeger(jaeger_raw, jaeger)
+                text = _text(jaeger_raw)
+                jaeger = parse_jaeger(text) if text else None
             except SpecError as exc:
-                errors.append(f"{KEY_JAEGER} skipped: {exc}; using {jaeger}")
+                errors.append(f"{KEY_JAEGER} skipped: {exc}; {ignored}")
 
     proto_raw = listed(KEY_PROTO_CFG, "hash")
     proto_cfg, errs = parse_proto_cfg(
@@ -496,8 +498,6 @@ class RedisConfigSource:
     the outage once. ``on_plugin_message(name)`` is called for each valid
     protocol name published on ``clovisor_proto_plugin_cfg_chan`` (several
     messages naming the same protocol at once make one call).
-    ``default_jaeger`` stands in while ``clovisor_jaeger_server`` is unset,
-    unusable or unreadable (the agent's ``--jaeger``).
 
     Callback exceptions are logged; they never stop the source.
     """
@@ -513,10 +513,8 @@ class RedisConfigSource:
         max_backoff: float = 10.0,
         timeout: float = 2.0,
         health_check_interval: int = 30,
-        default_jaeger: JaegerEndpoint | None = None,
     ) -> None:
         self.url = redis_url(url)
-        self.default_jaeger = default_jaeger or JaegerEndpoint()
         self.display = display_url(self.url)
         self._on_change = on_change
         self._on_plugin_message = on_plugin_message
@@ -539,7 +537,7 @@ class RedisConfigSource:
         self._pubsub: redis.client.PubSub | None = None
         self._subscribe_denied = False
         self._lock = threading.Lock()
-        self._config = AgentConfig(jaeger=self.default_jaeger)
+        self._config = AgentConfig()
         self._applied = False
         self._connected = False
         self._ever_connected = False
@@ -680,7 +678,7 @@ class RedisConfigSource:
     def _poll(self) -> None:
         values, lengths = self._read()
         config, problems = build_config(
-            values, lengths, max_entries=self.max_entries, default_jaeger=self.default_jaeger
+            values, lengths, max_entries=self.max_entries
         )
         if not self._connected:
             if self._ever_connected:
@@ -750,7 +748,7 @@ class RedisConfigSource:
             "configuration: labels %s; egress %s; jaeger %s; protocols %s",
             _some(_label_text(r) for r in config.labels),
             _some(_egress_text(r) for r in config.egress) or "none",
-            config.jaeger,
+            config.jaeger or "unset",
             _some(f"{n}={r}" for n, r in config.proto_cfg) or "built-in only",
         )
         self._call(self._on_change, config)
@@ -772,7 +770,7 @@ class RedisConfigSource:
         else:
             log.debug("redis %s still unreachable: %s", self.display, _error_text(exc))
         if not self._applied:
-            self._apply(AgentConfig(jaeger=self.default_jaeger))
+            self._apply(AgentConfig())
 
     def _call(self, callback: Callable[[T], None] | None, arg: T) -> None:
         if callback is None:

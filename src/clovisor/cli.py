@@ -350,7 +350,7 @@ def _trace(args: argparse.Namespace) -> int:
     tracer = Tracer(
         settings,
         exporters,
-        observers=[lambda s: telemetry.metrics.observe_sessions(s, tracer.service_name)],
+        observers=[lambda s: telemetry.metrics.observe_sessions(s, tracer.service_of)],
         span_filter=telemetry.sampler.filter,
         beat=telemetry.health.beat,
     )
@@ -457,7 +457,7 @@ def _agent(args: argparse.Namespace) -> int:
         agent = Agent(
             settings,
             api,
-            observers=[lambda s: telemetry.metrics.observe_sessions(s, agent.tracer.service_name)],
+            observers=[lambda s: telemetry.metrics.observe_sessions(s, agent.tracer.service_of)],
             span_filter=telemetry.sampler.filter,
             beat=telemetry.health.beat,
             health=telemetry.health,

@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from clovisor.kernel.attach import Hook, cleanup, list_hooks
 from clovisor.topology import Pod, Topology, http_get, in_netns
@@ -663,3 +664,38 @@ def test_otel_endpoint_over_http_protobuf_by_default(
         assert collector.received[0].headers["content-type"] == "application/x-protobuf"
         assert " DEBUG " in a.log  # -v after the subcommand: info -> debug
         assert a.stop() == 0
+
+
+def test_two_services_web_in_two_namespaces_stay_apart_in_spans_and_metrics(
+    node: Node, kube: KubeServer, jaeger: GrpcReceiver, agent: AgentFactory
+) -> None:
+    node.redis_do(lambda r: r.rpush("clovisor_labels", "default", "shop"))
+    kube.delete_service("api", namespace="shop")
+    kube.add_service(make_service("web", namespace="shop", selector={"app": "api"},
+                                  ports=[("http", 80, HTTP_PORT)]))
+    kube.add_pod(web_pod(node))
+    kube.add_pod(api_pod(node))
+    a = agent()
+    wait_traced(node, "web", "api")
+    node.curl("web", "/a")
+    node.curl("api", "/b")
+    node.curl("api", "/c")
+    found = wait_spans(jaeger, lambda s: s.attrs.get("url.path") in ("/a", "/b", "/c"), n=3)
+    assert {(s.resource["service.name"], s.resource["service.namespace"]) for s in found} == {
+        ("web", "default"), ("web", "shop")}
+
+    def series() -> dict[tuple[str, str], float]:
+        """Requests per (service_name, service_namespace), over every route."""
+        out: dict[tuple[str, str], float] = {}
+        for fam in text_string_to_metric_families(node.get("/metrics")[1]):
+            for s in fam.samples:
+                if s.name == "http_server_request_duration_seconds_count":
+                    key = (s.labels["service_name"], s.labels["service_namespace"])
+                    out[key] = out.get(key, 0) + s.value
+        return out
+
+    wait_until(lambda: len(series()) == 2, "both services have their own series")
+    assert series() == {("web", "default"): 1, ("web", "shop"): 2}
+    text = node.get("/metrics")[1]
+    assert "process_resident_memory_bytes" in text and "python_info" in text
+    assert a.proc.poll() is None

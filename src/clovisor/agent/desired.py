@@ -134,6 +134,9 @@ def compute(
             pod.label_map().get("app") or pod.name
         )
         resource = [
+            # The OTel convention for a Kubernetes service's namespace: two
+            # Services "web" in two namespaces are two services.
+            ("service.namespace", pod.namespace),
             ("k8s.namespace.name", pod.namespace),
             ("k8s.pod.name", pod.name),
             ("k8s.node.name", node_name),

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
 from .export import Exporter
@@ -25,12 +25,13 @@ from .specs import (
     SpecError,
     parse_egress,
     parse_output,
+    parse_pod_ref,
     parse_port,
     parse_resource_attr,
 )
 
 if TYPE_CHECKING:
-    from .pipeline import TracerSettings
+    from .pipeline import InterfaceTarget, TracerSettings
 
 EXIT_USAGE = 2
 T = TypeVar("T")
@@ -89,8 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("trace", parents=[common], help="trace interfaces of this network namespace")
-    t.add_argument("--iface", action="append", required=True, metavar="NAME",
+    t.add_argument("--iface", action="append", default=[], metavar="NAME",
                    help="interface to attach to (repeatable)")
+    t.add_argument("--pod", action="append", default=[], metavar="NAMESPACE/NAME",
+                   type=_spec(parse_pod_ref),
+                   help="a pod of this node: its host-side veth, the HTTP ports of its Services "
+                        "(unless --port) and its k8s.* attributes (repeatable)")
+    t.add_argument("--node", metavar="NAME",
+                   help="this node's name, for --pod (default $MY_NODE_NAME)")
+    t.add_argument("--kubeconfig", metavar="PATH",
+                   help="Kubernetes credentials for --pod (default $KUBECONFIG, then the pod's "
+                        "service account, then ~/.kube/config)")
     t.add_argument("--port", action="append", default=[], type=_spec(parse_port),
                    metavar="PORT[:PROTOCOL]",
                    help="server port behind the interface; protocol http (default) or tcp")
@@ -314,7 +324,9 @@ def _trace(args: argparse.Namespace) -> int:
     from .pipeline import InterfaceTarget, Tracer, resolve_interface
 
     settings = _tracer_settings(args)
-    if not args.port and not args.egress:
+    if not args.iface and not args.pod:
+        raise UsageError("nothing to trace: give --iface and/or --pod")
+    if args.iface and not args.port and not args.egress:
         raise UsageError("nothing to trace: give --port and/or --egress")
     ifnames = tuple(dict.fromkeys(args.iface))
     try:
@@ -322,8 +334,6 @@ def _trace(args: argparse.Namespace) -> int:
             resolve_interface(name)
     except SpecError as exc:
         raise UsageError(str(exc)) from None
-    if os.geteuid() != 0:
-        _require_root()
     extra = dict(args.resource_attr)
     targets = [
         InterfaceTarget(
@@ -334,6 +344,10 @@ def _trace(args: argparse.Namespace) -> int:
         )
         for name in ifnames
     ]
+    targets += _pod_targets(args, extra)
+    ifnames = tuple(dict.fromkeys(t.ifname for t in targets))
+    if os.geteuid() != 0:
+        _require_root()
     exporters: list[Exporter] = []
     try:
         exporters = [_exporter(o) for o in (args.output or [OutputSpec(kind="console")])]
@@ -394,6 +408,33 @@ def _trace(args: argparse.Namespace) -> int:
             signal.signal(s, h)
     notice(str(totals))
     return 0
+
+
+def _pod_targets(args: argparse.Namespace, extra: dict[str, str]) -> list[InterfaceTarget]:
+    """The interfaces of the ``--pod`` pods, found through the Kubernetes API."""
+    if not args.pod:
+        return []
+    from .agent.kube import KubeError, api_client
+    from .agent.pod_target import PodTargetError, resolve_pod
+
+    node = _setting(args.node, "--node", "MY_NODE_NAME", "", _node_name)
+    try:
+        api = api_client(args.kubeconfig, retries=0)  # one try, one line when it fails
+    except KubeError as exc:
+        raise UsageError(str(exc)) from None
+    targets = []
+    try:
+        for namespace, name in dict.fromkeys(args.pod):
+            found = resolve_pod(api, namespace, name, node, ports=args.port,
+                                egress=args.egress, service=args.service, extra=extra)
+            log.info("%s", found.describe())
+            targets.append(found.target)
+    except PodTargetError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        closing: Any = api  # the client is untyped
+        closing.close()
+    return targets
 
 
 def _setting(flag: str | None, flag_name: str, env: str, default: str,

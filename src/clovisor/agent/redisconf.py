@@ -44,7 +44,7 @@ import redis.client
 import redis.exceptions
 import redis.retry
 
-from ..specs import SpecError, parse_egress
+from ..specs import DNS_SUBDOMAIN, SpecError, check_namespace, parse_egress
 from .model import (
     DEFAULT_LABELS,
     DEFAULT_REDIS,
@@ -70,10 +70,6 @@ CHANNEL_PLUGINS = "clovisor_proto_plugin_cfg_chan"
 MAX_ENTRIES = 1000  # per list or hash: more is a mistake (or an attack), not a config
 MAX_ENTRY_LEN = 512  # longer than any valid entry (a label rule is at most ~450)
 
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(
-    r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-)
 _QUALIFIED = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
 _POD_PREFIX = re.compile(r"[a-z0-9][-a-z0-9.]*")
@@ -120,15 +116,9 @@ def _dedup(items: Iterable[T]) -> tuple[T, ...]:
 # -- clovisor_labels -------------------------------------------------------------------------
 
 
-def check_namespace(text: str) -> str:
-    if len(text) > 63 or not _DNS_LABEL.fullmatch(text):
-        raise SpecError(f"namespace {text!r} is not a valid DNS-1123 label")
-    return text
-
-
 def check_node_name(text: str) -> str:
     """A Kubernetes node name (a DNS-1123 subdomain): ``--node`` / ``MY_NODE_NAME``."""
-    if not text or len(text) > 253 or not _DNS_SUBDOMAIN.fullmatch(text):
+    if not text or len(text) > 253 or not DNS_SUBDOMAIN.fullmatch(text):
         raise SpecError(f"node name {text!r} is not a valid DNS-1123 subdomain")
     return text
 
@@ -136,7 +126,7 @@ def check_node_name(text: str) -> str:
 def check_label_key(text: str) -> str:
     """A Kubernetes label key: ``[prefix/]name``, the prefix a DNS subdomain."""
     prefix, slash, name = text.rpartition("/")
-    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+    if slash and (not prefix or len(prefix) > 253 or not DNS_SUBDOMAIN.fullmatch(prefix)):
         raise SpecError(f"label key {text!r}: prefix {prefix!r} is not a DNS subdomain")
     if not name or len(name) > 63 or not _QUALIFIED.fullmatch(name):
         raise SpecError(

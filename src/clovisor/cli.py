@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 from . import __version__
 from .export import Exporter
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "account, then ~/.kube/config)")
     a.add_argument("--redis", metavar="HOST:PORT",
                    help=f"Redis holding the configuration (default $CLOVISOR_REDIS or "
-                        f"{DEFAULT_REDIS}); a redis://, rediss:// or unix:// URL too")
+                        f"{DEFAULT_REDIS}); a redis://, rediss:// or unix:// URL too; "
+                        "its password from $CLOVISOR_REDIS_PASSWORD")
     a.add_argument("--jaeger", metavar="HOST[:PORT]",
                    help=f"OTLP gRPC endpoint while neither Redis key clovisor_jaeger_server "
                         f"nor OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT names one "
@@ -478,6 +480,12 @@ def _agent(args: argparse.Namespace) -> int:
     tracer_settings = _tracer_settings(args)
     node = _setting(args.node, "--node", "MY_NODE_NAME", "", _node_name)
     url = _setting(args.redis, "--redis", "CLOVISOR_REDIS", DEFAULT_REDIS, redis_url)
+    # From a Secret (deploy/kubernetes): an environment variable, never a
+    # flag, so that it shows in no process list.
+    password = os.environ.get("CLOVISOR_REDIS_PASSWORD") or None
+    if password is not None and urlsplit(url).password is not None:
+        raise UsageError("CLOVISOR_REDIS_PASSWORD is set and the Redis URL has a password "
+                         "too: give it once")
     default_jaeger = _setting(args.jaeger, "--jaeger", "CLOVISOR_JAEGER", "", parse_jaeger)
     try:
         destination = Destination.from_environment(default_jaeger)
@@ -490,6 +498,7 @@ def _agent(args: argparse.Namespace) -> int:
     settings = AgentSettings(
         node_name=node,
         redis_url=url,
+        redis_password=password,
         destination=destination,
         tracer=tracer_settings,
     )

@@ -565,3 +565,20 @@ def test_bad_url_is_a_spec_error() -> None:
     src = RedisConfigSource()  # the default needs no DNS until start()
     assert src.url == "redis://redis.clovisor:6379/0"
     assert redisconf.DEFAULT_URL == "redis.clovisor:6379"
+
+
+def test_password_from_the_agent_not_the_url(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, password="s3cr3t pass") as srv:
+        redis.Redis(host="127.0.0.1", port=srv.port, password="s3cr3t pass").rpush(
+            KEY_LABELS, "shop")
+        rec = Recorder()
+        with RedisConfigSource(srv.url, rec.on_change, poll_interval=0.1,
+                               password="s3cr3t pass") as src:
+            assert rec.wait(lambda: bool(rec.configs))
+            assert rec.last.labels == (LabelRule(namespace="shop"),)
+            assert src.connected
+        # Without it: NOAUTH is an outage (the defaults, retried), never the keys.
+        other = Recorder()
+        with RedisConfigSource(srv.url, other.on_change, poll_interval=0.1) as anonymous:
+            assert other.wait(lambda: bool(other.configs))
+            assert other.last == AgentConfig() and not anonymous.connected

@@ -489,6 +489,8 @@ class RedisConfigSource:
     protocol name published on ``clovisor_proto_plugin_cfg_chan`` (several
     messages naming the same protocol at once make one call).
 
+    ``password`` authenticates when the URL carries none.
+
     Callback exceptions are logged; they never stop the source.
     """
 
@@ -503,8 +505,12 @@ class RedisConfigSource:
         max_backoff: float = 10.0,
         timeout: float = 2.0,
         health_check_interval: int = 30,
+        password: str | None = None,
     ) -> None:
         self.url = redis_url(url)
+        # From CLOVISOR_REDIS_PASSWORD (a Kubernetes Secret): kept out of
+        # the URL, which is logged without credentials but shown in ps.
+        auth = {"password": password} if password else {}
         self.display = display_url(self.url)
         self._on_change = on_change
         self._on_plugin_message = on_plugin_message
@@ -521,6 +527,7 @@ class RedisConfigSource:
                 retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
                 # Notices a pub/sub connection that died silently (NAT, conntrack).
                 health_check_interval=health_check_interval,
+                **auth,
             )
         except ValueError as exc:
             raise SpecError(f"redis {self.display}: {exc}") from None

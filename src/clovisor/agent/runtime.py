@@ -72,6 +72,7 @@ class Waiting:
 class AgentSettings:
     node_name: str
     redis_url: str = DEFAULT_URL
+    redis_password: str | None = field(default=None, repr=False)  # CLOVISOR_REDIS_PASSWORD
     destination: Destination = field(default_factory=Destination)
     tracer: TracerSettings = field(default_factory=TracerSettings)
 
@@ -110,6 +111,7 @@ class Agent:
             settings.redis_url,
             lambda _config: self._wake.set(),
             on_plugin_message=self._on_plugin_message,
+            password=settings.redis_password,
         )
         self.kube = KubeWatcher(
             api, settings.node_name, self._wake.set, namespaces=self._namespaces

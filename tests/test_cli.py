@@ -26,7 +26,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="non-root gets the privil
 
 # What the agent reads from its environment: cleared unless a test sets it.
 AGENT_ENV = ("MY_NODE_NAME", "KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT",
-             "CLOVISOR_REDIS", "CLOVISOR_JAEGER", "CLOVISOR_LOG_LEVEL")
+             "CLOVISOR_REDIS", "CLOVISOR_REDIS_PASSWORD", "CLOVISOR_JAEGER", "CLOVISOR_LOG_LEVEL")
 
 
 def clovisor(*args: str, prefix: tuple[str, ...] = (), timeout: float = 60,
@@ -179,6 +179,9 @@ BAD_AGENT_INPUT = [
                  ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"], id="otlp-protocol-bad"),
     pytest.param(["--node", "n1", "--kubeconfig", KUBE], {"OTEL_EXPORTER_OTLP_TIMEOUT": "-1"},
                  ["OTEL_EXPORTER_OTLP_TIMEOUT"], id="otlp-timeout-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE, "--redis", "redis://:pw@r:6379"],
+                 {"CLOVISOR_REDIS_PASSWORD": "pw2"}, ["CLOVISOR_REDIS_PASSWORD", "once"],
+                 id="redis-password-twice"),
     pytest.param(["--node", "n1", "--kubeconfig", KUBE], {"OTEL_EXPORTER_OTLP_INSECURE": "yes"},
                  ["OTEL_EXPORTER_OTLP_INSECURE", "true or false"], id="otlp-insecure-bad"),
     pytest.param(["--node", "n1", "--kubeconfig", KUBE],

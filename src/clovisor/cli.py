@@ -97,11 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_spec(parse_pod_ref),
                    help="a pod of this node: its host-side veth, the HTTP ports of its Services "
                         "(unless --port) and its k8s.* attributes (repeatable)")
-    t.add_argument("--node", metavar="NAME",
-                   help="this node's name, for --pod (default $MY_NODE_NAME)")
-    t.add_argument("--kubeconfig", metavar="PATH",
-                   help="Kubernetes credentials for --pod (default $KUBECONFIG, then the pod's "
-                        "service account, then ~/.kube/config)")
+    _add_kube_flags(t, "for --pod")
     t.add_argument("--port", action="append", default=[], type=_spec(parse_port),
                    metavar="PORT[:PROTOCOL]",
                    help="server port behind the interface; protocol http (default) or tcp")
@@ -124,11 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the Kubernetes DaemonSet agent: trace this node's pods",
                        description="Trace the pods of this node that Redis key clovisor_labels "
                                    "selects; run it in the node's network namespace.")
-    a.add_argument("--node", metavar="NAME",
-                   help="this node's name (default $MY_NODE_NAME, from spec.nodeName)")
-    a.add_argument("--kubeconfig", metavar="PATH",
-                   help="Kubernetes credentials (default $KUBECONFIG, then the pod's service "
-                        "account, then ~/.kube/config)")
+    _add_kube_flags(a, "")
     a.add_argument("--redis", metavar="HOST:PORT",
                    help=f"Redis holding the configuration (default $CLOVISOR_REDIS or "
                         f"{DEFAULT_REDIS}); a redis://, rediss:// or unix:// URL too; "
@@ -150,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--requests", type=_positive_int, default=40, metavar="N",
                    help="how many client requests to send (default 40)")
     return p
+
+
+def _add_kube_flags(p: argparse.ArgumentParser, purpose: str) -> None:
+    """--node and --kubeconfig, as ``agent`` and ``trace --pod`` share them."""
+    for_what = f" {purpose}" if purpose else ""
+    p.add_argument("--node", metavar="NAME",
+                   help=f"this node's name{for_what} (default $MY_NODE_NAME, from "
+                        "spec.nodeName)")
+    p.add_argument("--kubeconfig", metavar="PATH",
+                   help=f"Kubernetes credentials{for_what} (default $KUBECONFIG, then the "
+                        "pod's service account, then ~/.kube/config)")
 
 
 def _add_logging_flags(p: argparse.ArgumentParser, *, top: bool) -> None:

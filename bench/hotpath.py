@@ -125,7 +125,7 @@ class Path:
         return self.tracker.feed_many(segs)
 
     def observe(self, sessions: list[Any]) -> list[Any]:
-        self.metrics.observe_sessions(sessions, lambda s: "web")
+        self.metrics.observe_sessions(sessions, lambda s: ("web", ""))
         return sessions
 
     def spans(self, sessions: list[Any]) -> list[Any]:

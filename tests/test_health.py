@@ -56,7 +56,7 @@ def server(metrics: Metrics, health: Health) -> Iterator[StatusServer]:
 
 
 def test_metrics_endpoint(server: StatusServer, metrics: Metrics) -> None:
-    metrics.observe_sessions([session(), session()], lambda s: "web")
+    metrics.observe_sessions([session(), session()], lambda s: ("web", ""))
     status, ctype, body = get(server, "/metrics")
     assert status == 200 and ctype.startswith("text/plain")
     fams = {f.name: f for f in text_string_to_metric_families(body)}

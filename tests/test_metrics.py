@@ -29,19 +29,23 @@ def families(m: Metrics) -> dict[str, Metric]:
 
 
 def counts(m: Metrics, name: str) -> dict[tuple[str, ...], float]:
-    """label values (in LABELS order) -> _count of one histogram."""
+    """label values (in LABELS order, but service_namespace) -> _count of one histogram.
+
+    Every session here is in namespace "default" (test_namespaces_keep_services_apart
+    is about the namespace label)."""
     fam = families(m).get(name)
     if fam is None:
         return {}
-    return {
-        tuple(s.labels[k] for k in LABELS): s.value
-        for s in fam.samples
-        if s.name == name + "_count"
-    }
+    out = {}
+    for s in fam.samples:
+        if s.name == name + "_count":
+            assert s.labels["service_namespace"] == "default"
+            out[tuple(s.labels[k] for k in LABELS if k != "service_namespace")] = s.value
+    return out
 
 
-def service(s: Session) -> str:
-    return "web" if s.ifindex == 7 else "other"
+def service(s: Session) -> tuple[str, str]:
+    return ("web" if s.ifindex == 7 else "other"), "default"
 
 
 def timed(ms: float, **kw: object) -> Session:
@@ -313,3 +317,35 @@ def test_lost_responses_reach_the_scrape_as_a_counter() -> None:
     fam = families(m)["clovisor_lost_responses"]
     assert fam.type == "counter"
     assert fam.samples[0].value == 1
+
+
+def test_namespaces_keep_services_apart() -> None:
+    # Two Services called "web", in namespaces default and shop: two series each.
+    m = Metrics()
+    m.observe_sessions(
+        [session(ifindex=7), session(ifindex=7), session(ifindex=9)],
+        lambda s: ("web", "default" if s.ifindex == 7 else "shop"),
+    )
+    fam = families(m)[SERVER]
+    got = {
+        (s.labels["service_name"], s.labels["service_namespace"]): s.value
+        for s in fam.samples
+        if s.name == SERVER + "_count"
+    }
+    assert got == {("web", "default"): 2, ("web", "shop"): 1}
+    outcomes = {
+        (s.labels["service_name"], s.labels["service_namespace"], s.labels["outcome"]): s.value
+        for s in families(m)["clovisor_sessions"].samples
+        if s.name == "clovisor_sessions_total"
+    }
+    assert outcomes == {("web", "default", "complete"): 2, ("web", "shop", "complete"): 1}
+
+
+def test_process_and_python_collectors() -> None:
+    fams = families(Metrics())
+    assert fams["process_cpu_seconds"].samples[0].value >= 0
+    assert fams["process_resident_memory_bytes"].samples[0].value > 0
+    assert fams["process_open_fds"].samples[0].value > 0
+    (info,) = fams["python_info"].samples
+    assert info.labels["implementation"] == "CPython"
+    assert "python_gc_objects_collected" in fams

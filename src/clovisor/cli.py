@@ -15,7 +15,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 from . import __version__
 from .export import Exporter
@@ -25,12 +26,13 @@ from .specs import (
     SpecError,
     parse_egress,
     parse_output,
+    parse_pod_ref,
     parse_port,
     parse_resource_attr,
 )
 
 if TYPE_CHECKING:
-    from .pipeline import TracerSettings
+    from .pipeline import InterfaceTarget, TracerSettings
 
 EXIT_USAGE = 2
 T = TypeVar("T")
@@ -89,8 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("trace", parents=[common], help="trace interfaces of this network namespace")
-    t.add_argument("--iface", action="append", required=True, metavar="NAME",
+    t.add_argument("--iface", action="append", default=[], metavar="NAME",
                    help="interface to attach to (repeatable)")
+    t.add_argument("--pod", action="append", default=[], metavar="NAMESPACE/NAME",
+                   type=_spec(parse_pod_ref),
+                   help="a pod of this node: its host-side veth, the HTTP ports of its Services "
+                        "(unless --port) and its k8s.* attributes (repeatable)")
+    _add_kube_flags(t, "for --pod")
     t.add_argument("--port", action="append", default=[], type=_spec(parse_port),
                    metavar="PORT[:PROTOCOL]",
                    help="server port behind the interface; protocol http (default) or tcp")
@@ -113,16 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the Kubernetes DaemonSet agent: trace this node's pods",
                        description="Trace the pods of this node that Redis key clovisor_labels "
                                    "selects; run it in the node's network namespace.")
-    a.add_argument("--node", metavar="NAME",
-                   help="this node's name (default $MY_NODE_NAME, from spec.nodeName)")
-    a.add_argument("--kubeconfig", metavar="PATH",
-                   help="Kubernetes credentials (default $KUBECONFIG, then the pod's service "
-                        "account, then ~/.kube/config)")
+    _add_kube_flags(a, "")
     a.add_argument("--redis", metavar="HOST:PORT",
                    help=f"Redis holding the configuration (default $CLOVISOR_REDIS or "
-                        f"{DEFAULT_REDIS}); a redis://, rediss:// or unix:// URL too")
+                        f"{DEFAULT_REDIS}); a redis://, rediss:// or unix:// URL too; "
+                        "its password from $CLOVISOR_REDIS_PASSWORD")
     a.add_argument("--jaeger", metavar="HOST[:PORT]",
-                   help=f"OTLP gRPC endpoint while Redis key clovisor_jaeger_server is unset "
+                   help=f"OTLP gRPC endpoint while neither Redis key clovisor_jaeger_server "
+                        f"nor OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT names one "
                         f"(default $CLOVISOR_JAEGER or {JaegerEndpoint()})")
     _add_tracer_flags(a)
     _add_telemetry_flags(a)
@@ -137,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--requests", type=_positive_int, default=40, metavar="N",
                    help="how many client requests to send (default 40)")
     return p
+
+
+def _add_kube_flags(p: argparse.ArgumentParser, purpose: str) -> None:
+    """--node and --kubeconfig, as ``agent`` and ``trace --pod`` share them."""
+    for_what = f" {purpose}" if purpose else ""
+    p.add_argument("--node", metavar="NAME",
+                   help=f"this node's name{for_what} (default $MY_NODE_NAME, from "
+                        "spec.nodeName)")
+    p.add_argument("--kubeconfig", metavar="PATH",
+                   help=f"Kubernetes credentials{for_what} (default $KUBECONFIG, then the "
+                        "pod's service account, then ~/.kube/config)")
 
 
 def _add_logging_flags(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -263,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     _merge_logging_flags(args)
+    # gRPC's C core writes its own lines to stderr, past the logging setup
+    # (one at INFO each time a receiver closes a connection): errors only,
+    # unless the operator asked for more. Read when grpc is first imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         setup(_log_level(args), args.log_format)
     except UsageError as exc:
@@ -309,7 +329,9 @@ def _trace(args: argparse.Namespace) -> int:
     from .pipeline import InterfaceTarget, Tracer, resolve_interface
 
     settings = _tracer_settings(args)
-    if not args.port and not args.egress:
+    if not args.iface and not args.pod:
+        raise UsageError("nothing to trace: give --iface and/or --pod")
+    if args.iface and not args.port and not args.egress:
         raise UsageError("nothing to trace: give --port and/or --egress")
     ifnames = tuple(dict.fromkeys(args.iface))
     try:
@@ -317,8 +339,6 @@ def _trace(args: argparse.Namespace) -> int:
             resolve_interface(name)
     except SpecError as exc:
         raise UsageError(str(exc)) from None
-    if os.geteuid() != 0:
-        _require_root()
     extra = dict(args.resource_attr)
     targets = [
         InterfaceTarget(
@@ -329,6 +349,10 @@ def _trace(args: argparse.Namespace) -> int:
         )
         for name in ifnames
     ]
+    targets += _pod_targets(args, extra)
+    ifnames = tuple(dict.fromkeys(t.ifname for t in targets))
+    if os.geteuid() != 0:
+        _require_root()
     exporters: list[Exporter] = []
     try:
         exporters = [_exporter(o) for o in (args.output or [OutputSpec(kind="console")])]
@@ -345,7 +369,7 @@ def _trace(args: argparse.Namespace) -> int:
     tracer = Tracer(
         settings,
         exporters,
-        observers=[lambda s: telemetry.metrics.observe_sessions(s, tracer.service_name)],
+        observers=[lambda s: telemetry.metrics.observe_sessions(s, tracer.service_of)],
         span_filter=telemetry.sampler.filter,
         beat=telemetry.health.beat,
     )
@@ -391,6 +415,33 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pod_targets(args: argparse.Namespace, extra: dict[str, str]) -> list[InterfaceTarget]:
+    """The interfaces of the ``--pod`` pods, found through the Kubernetes API."""
+    if not args.pod:
+        return []
+    from .agent.kube import KubeError, api_client
+    from .agent.pod_target import PodTargetError, resolve_pod
+
+    node = _setting(args.node, "--node", "MY_NODE_NAME", "", _node_name)
+    try:
+        api = api_client(args.kubeconfig, retries=0)  # one try, one line when it fails
+    except KubeError as exc:
+        raise UsageError(str(exc)) from None
+    targets = []
+    try:
+        for namespace, name in dict.fromkeys(args.pod):
+            found = resolve_pod(api, namespace, name, node, ports=args.port,
+                                egress=args.egress, service=args.service, extra=extra)
+            log.info("%s", found.describe())
+            targets.append(found.target)
+    except PodTargetError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        closing: Any = api  # the client is untyped
+        closing.close()
+    return targets
+
+
 def _setting(flag: str | None, flag_name: str, env: str, default: str,
              parse: Callable[[str], T]) -> T:
     """``parse`` of the flag, else the environment, else the default; a bad
@@ -421,6 +472,7 @@ def _agent(args: argparse.Namespace) -> int:
     # Kubernetes and Redis clients are even imported.
     if os.geteuid() != 0:
         _require_root()
+    from .agent.destination import Destination
     from .agent.kube import KubeError, api_client
     from .agent.model import DEFAULT_REDIS
     from .agent.redisconf import parse_jaeger, redis_url
@@ -431,7 +483,17 @@ def _agent(args: argparse.Namespace) -> int:
     tracer_settings = _tracer_settings(args)
     node = _setting(args.node, "--node", "MY_NODE_NAME", "", _node_name)
     url = _setting(args.redis, "--redis", "CLOVISOR_REDIS", DEFAULT_REDIS, redis_url)
+    # From a Secret (deploy/kubernetes): an environment variable, never a
+    # flag, so that it shows in no process list.
+    password = os.environ.get("CLOVISOR_REDIS_PASSWORD") or None
+    if password is not None and urlsplit(url).password is not None:
+        raise UsageError("CLOVISOR_REDIS_PASSWORD is set and the Redis URL has a password "
+                         "too: give it once")
     default_jaeger = _setting(args.jaeger, "--jaeger", "CLOVISOR_JAEGER", "", parse_jaeger)
+    try:
+        destination = Destination.from_environment(default_jaeger)
+    except ExporterConfigError as exc:
+        raise UsageError(str(exc)) from None
     try:
         api = api_client(args.kubeconfig)
     except KubeError as exc:
@@ -439,7 +501,8 @@ def _agent(args: argparse.Namespace) -> int:
     settings = AgentSettings(
         node_name=node,
         redis_url=url,
-        default_jaeger=default_jaeger,
+        redis_password=password,
+        destination=destination,
         tracer=tracer_settings,
     )
     telemetry = Telemetry(args)
@@ -447,7 +510,7 @@ def _agent(args: argparse.Namespace) -> int:
         agent = Agent(
             settings,
             api,
-            observers=[lambda s: telemetry.metrics.observe_sessions(s, agent.tracer.service_name)],
+            observers=[lambda s: telemetry.metrics.observe_sessions(s, agent.tracer.service_of)],
             span_filter=telemetry.sampler.filter,
             beat=telemetry.health.beat,
             health=telemetry.health,

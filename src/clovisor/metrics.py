@@ -9,7 +9,9 @@ traces, never metrics, so rates and percentiles stay exact):
 - ``http_server_request_duration_seconds`` (histogram): SERVER sessions;
 - ``http_client_request_duration_seconds`` (histogram): CLIENT sessions.
 
-  Labels, exactly: ``service_name``, ``http_request_method`` (the semconv
+  Labels, exactly: ``service_name`` and ``service_namespace`` (the
+  Kubernetes namespace, empty outside Kubernetes: two Services called
+  ``web`` in two namespaces are two series), ``http_request_method`` (the semconv
   method, ``_OTHER`` for anything else), ``http_response_status_code`` (empty
   when no response was seen: reset, closed or timed out before the status
   line, the way an absent OTel attribute reads in Prometheus) and
@@ -19,7 +21,7 @@ traces, never metrics, so rates and percentiles stay exact):
   or a timeout). Sessions cut short by the tracer's own shutdown are not
   observed: their duration says nothing about the workload.
 
-- ``clovisor_sessions_total{service_name, outcome}`` (counter): every
+- ``clovisor_sessions_total{service_name, service_namespace, outcome}`` (counter): every
   session, HTTP and TCP, by outcome (``complete``, ``reset``, ``closed``,
   ``timeout``, ``shutdown``). Failures that a status-code label cannot show
   are counted here.
@@ -34,6 +36,10 @@ Agent health, read from the runtime at scrape time (see
 ``clovisor_spans_dropped_total``, ``clovisor_spans_sampled_out_total``,
 ``clovisor_export_queue_size``, ``clovisor_tracked_connections``,
 ``clovisor_buffered_bytes``; plus ``clovisor_build_info{version}``.
+
+The process's own: prometheus_client's standard ``process_*`` (CPU seconds,
+resident and virtual memory, open file descriptors, start time) and
+``python_*`` (interpreter version, garbage collections) collectors.
 
 Label values never carry a query string or a header value: the route is
 folded from the path alone, the method is one of a fixed set, the status is
@@ -55,7 +61,12 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -84,7 +95,14 @@ log = logging.getLogger(__name__)
 
 # OTel semantic conventions, http.server.request.duration advice.
 BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
-LABELS: Final = ("service_name", "http_request_method", "http_response_status_code", "http_route")
+LABELS: Final = (
+    "service_name",
+    "service_namespace",
+    "http_request_method",
+    "http_response_status_code",
+    "http_route",
+)
+_SESSION_LABELS: Final = ("service_name", "service_namespace", "outcome")
 DEFAULT_MAX_SERIES: Final = 10_000
 # Where label sets beyond max_series go, like the OTel SDK's overflow series.
 OVERFLOW_ROUTE: Final = "/{overflow}"
@@ -156,8 +174,10 @@ HEALTH_METRICS: Final[Mapping[str, tuple[str, str, str]]] = {
 }
 _HEALTH_KEY_RE: Final = re.compile(r"[a-z][a-z0-9_]*")
 
-# Series key: (role, service, method, status, route); value: [sum, bucket counts...].
-_Key = tuple[Role, str, str, str, str]
+# Series key: (role, service, namespace, method, status, route); value: [sum, buckets...].
+_Key = tuple[Role, str, str, str, str, str]
+# A session's (service.name, service.namespace).
+ServiceOf = Callable[[Session], tuple[str, str]]
 
 
 class _Red(Collector):
@@ -168,14 +188,12 @@ class _Red(Collector):
         self.max_series = max_series
         self.lock = threading.Lock()
         self.series: dict[_Key, list[float]] = {}
-        self.outcomes: dict[tuple[str, Outcome], int] = {}
+        self.outcomes: dict[tuple[str, str, Outcome], int] = {}
         # Status codes are three digits off the wire; str() per session
         # would cost more than this lookup.
         self.status_labels = {code: str(code) for code in range(1000)}
 
-    def observe(
-        self, sessions: Iterable[Session], service_name_of: Callable[[Session], str]
-    ) -> None:
+    def observe(self, sessions: Iterable[Session], service_of: ServiceOf) -> None:
         fold = self.routes.fold_target
         series = self.series
         outcomes = self.outcomes
@@ -185,9 +203,9 @@ class _Red(Collector):
         bounds = BUCKETS
         with self.lock:
             for s in sessions:
-                service = service_name_of(s)
+                service, namespace = service_of(s)
                 outcome = s.outcome
-                okey = (service, outcome)
+                okey = (service, namespace, outcome)
                 outcomes[okey] = outcomes.get(okey, 0) + 1
                 req = s.request
                 if req is None or outcome is shutdown:
@@ -198,6 +216,7 @@ class _Red(Collector):
                 key = (
                     s.role,
                     service,
+                    namespace,
                     method if method in methods else "_OTHER",
                     status,
                     fold(req.target),
@@ -217,7 +236,7 @@ class _Red(Collector):
             # Route folding bounds routes, but method x status x route x
             # service can still multiply; past the limit, new label sets
             # share one overflow series per service and kind.
-            key = (key[0], key[1], "_OTHER", "_OTHER", OVERFLOW_ROUTE)
+            key = (key[0], key[1], key[2], "_OTHER", "_OTHER", OVERFLOW_ROUTE)
             overflow = self.series.get(key)
             if overflow is not None:
                 return overflow
@@ -230,9 +249,7 @@ class _Red(Collector):
         return [
             HistogramMetricFamily(_SERVER_NAME, _SERVER_HELP, labels=LABELS),
             HistogramMetricFamily(_CLIENT_NAME, _CLIENT_HELP, labels=LABELS),
-            CounterMetricFamily(
-                "clovisor_sessions", _SESSIONS_HELP, labels=("service_name", "outcome")
-            ),
+            CounterMetricFamily("clovisor_sessions", _SESSIONS_HELP, labels=_SESSION_LABELS),
         ]
 
     def collect(self) -> Iterable[Metric]:
@@ -241,19 +258,17 @@ class _Red(Collector):
             outcomes = list(self.outcomes.items())
         server = HistogramMetricFamily(_SERVER_NAME, _SERVER_HELP, labels=LABELS)
         client = HistogramMetricFamily(_CLIENT_NAME, _CLIENT_HELP, labels=LABELS)
-        for (role, service, method, status, route), entry in series:
+        for (role, service, namespace, method, status, route), entry in series:
             cumulative: float = 0
             buckets: list[tuple[str, float]] = []
             for le, n in zip(_LE, entry[1:], strict=True):
                 cumulative += n
                 buckets.append((le, cumulative))
             family = server if role is Role.SERVER else client
-            family.add_metric([service, method, status, route], buckets, entry[0])
-        sessions = CounterMetricFamily(
-            "clovisor_sessions", _SESSIONS_HELP, labels=("service_name", "outcome")
-        )
-        for (service, outcome), n in outcomes:
-            sessions.add_metric([service, outcome.value], n)
+            family.add_metric([service, namespace, method, status, route], buckets, entry[0])
+        sessions = CounterMetricFamily("clovisor_sessions", _SESSIONS_HELP, labels=_SESSION_LABELS)
+        for (service, namespace, outcome), n in outcomes:
+            sessions.add_metric([service, namespace, outcome.value], n)
         return [server, client, sessions]
 
 
@@ -315,16 +330,20 @@ class Metrics:
         self._health = _Health()
         self.registry.register(self._red)
         self.registry.register(self._health)
+        # The agent's own CPU, memory, file descriptors and GC, as every
+        # Python exporter shows them.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
-    def observe_sessions(
-        self, sessions: Iterable[Session], service_name_of: Callable[[Session], str]
-    ) -> None:
+    def observe_sessions(self, sessions: Iterable[Session], service_of: ServiceOf) -> None:
         """Count a batch of sessions (all of them: call before sampling).
 
-        ``service_name_of`` gives the ``service_name`` label of a session,
-        typically from its ifindex. Thread-safe; one lock per batch.
+        ``service_of`` gives the ``service_name`` and ``service_namespace``
+        labels of a session, typically from its ifindex. Thread-safe; one
+        lock per batch.
         """
-        self._red.observe(sessions, service_name_of)
+        self._red.observe(sessions, service_of)
 
     def register_health(self, source: Callable[[], Mapping[str, int]]) -> None:
         """Read ``source()`` at every scrape: a mapping of health key -> value.

@@ -153,7 +153,9 @@ class Tracer:
         # Read by the tracker stage: replaced whole, never mutated in place.
         self._resources: dict[int, Resource] = {}
         self._names: dict[int, str] = {}
+        self._services: dict[int, tuple[str, str]] = {}  # (service.name, service.namespace)
         self._default_resource = Resource.create({})
+        self._default_service = (str(self._default_resource.attributes["service.name"]), "")
         self._threads: list[threading.Thread] = []
         self._clock = MonotonicToWall()
         self._ids = FastIdGenerator()
@@ -242,6 +244,9 @@ class Tracer:
                     obj.remove_egress(ifindex, e.port, e.addr)
         self._resources = {**self._resources, ifindex: target.resource}
         self._names = {**self._names, ifindex: target.ifname}
+        attrs = target.resource.attributes
+        self._services = {**self._services, ifindex: (
+            str(attrs.get("service.name", "")), str(attrs.get("service.namespace", "")))}
         self._targets[target.ifname] = target
         self._ifindex[target.ifname] = ifindex
         if target.ifname not in self._attachments:
@@ -378,10 +383,10 @@ class Tracer:
             spans = self._span_filter(spans)
         return list(spans)
 
-    def service_name(self, session: Session) -> str:
-        """The ``service.name`` of the interface a session was seen on."""
-        resource = self._resources.get(session.ifindex, self._default_resource)
-        return str(resource.attributes.get("service.name", ""))
+    def service_of(self, session: Session) -> tuple[str, str]:
+        """``service.name`` and ``service.namespace`` ("" if unset) of the interface a
+        session was seen on: the metrics' labels."""
+        return self._services.get(session.ifindex, self._default_service)
 
     def health_stats(self) -> dict[str, int]:
         """Live counters for the health metrics (read at scrape time)."""

@@ -16,6 +16,11 @@ from .core.events import Protocol
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 PROTOCOLS = {"http": Protocol.HTTP, "tcp": Protocol.TCP}
+DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+# Kubernetes object names (pods, nodes) and label key prefixes.
+DNS_SUBDOMAIN = re.compile(
+    r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+)
 
 
 class SpecError(ValueError):
@@ -226,3 +231,24 @@ def parse_resource_attr(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise SpecError(f"resource attribute {text!r}: expected KEY=VALUE")
     return key.strip(), value
+
+
+def check_namespace(text: str) -> str:
+    """A Kubernetes namespace name (a DNS-1123 label)."""
+    if len(text) > 63 or not DNS_LABEL.fullmatch(text):
+        raise SpecError(f"namespace {text!r} is not a valid DNS-1123 label")
+    return text
+
+
+def parse_pod_ref(text: str) -> tuple[str, str]:
+    """``NAMESPACE/NAME`` (``clovisor trace --pod``) -> (namespace, name)."""
+    namespace, slash, name = text.strip().partition("/")
+    if not slash or not name:
+        raise SpecError(f"pod {text!r}: expected NAMESPACE/NAME")
+    try:
+        check_namespace(namespace)
+    except SpecError as exc:
+        raise SpecError(f"pod {text!r}: {exc}") from None
+    if len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name):
+        raise SpecError(f"pod {text!r}: {name!r} is not a valid pod name")
+    return namespace, name

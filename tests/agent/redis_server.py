@@ -32,7 +32,8 @@ def _ping(port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=timeout) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            # -NOAUTH: up, and asking for its password.
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -40,13 +41,15 @@ def _ping(port: int, timeout: float = 0.2) -> bool:
 class RedisServer:
     """One ``redis-server`` process this test started (and only that one is ever stopped)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *,
+                 password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
         self.binary = binary
         self.workdir = workdir
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         self._started_once = False
 
@@ -83,6 +86,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--daemonize", "no",
                 "--logfile", str(self.workdir / "redis.log"),
+                *(("--requirepass", self.password) if self.password else ()),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

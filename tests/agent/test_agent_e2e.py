@@ -18,6 +18,7 @@ clsact filters a killed agent left, and deletes the namespaces.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -32,10 +33,12 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from clovisor.kernel.attach import Hook, cleanup, list_hooks
 from clovisor.topology import Pod, Topology, http_get, in_netns
-from tests.export.receiver import GrpcReceiver
+from tests.export.certs import make_pki
+from tests.export.receiver import GrpcReceiver, HttpReceiver
 
 from .kube_server import KubeServer, make_pod, make_service
 from .redis_server import RedisServer
@@ -268,15 +271,18 @@ AgentFactory = Callable[..., AgentRun]
 
 @pytest.fixture
 def agent(node: Node, kubeconfig: Path) -> Iterator[AgentFactory]:
-    """Factory: ``agent(*extra_args)`` starts ``clovisor agent`` in the node namespace."""
+    """Factory: ``agent(*extra_args, env={...})`` starts ``clovisor agent`` in the node
+    namespace, with ``env`` added to an environment cleared of the agent's variables."""
     runs: list[AgentRun] = []
 
-    def start(*extra: str) -> AgentRun:
+    def start(*extra: str, env: dict[str, str] | None = None) -> AgentRun:
         argv = [sys.executable, "-m", "clovisor", "agent", "--node", NODE,
                 "--kubeconfig", str(kubeconfig), "--redis", node.store.url,
                 "--metrics", f"127.0.0.1:{METRICS_PORT}", *extra]
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("KUBECONFIG", "MY_NODE_NAME", "CLOVISOR_REDIS", "CLOVISOR_JAEGER")}
+        env = {**{k: v for k, v in os.environ.items()
+                  if k not in ("KUBECONFIG", "MY_NODE_NAME", "CLOVISOR_REDIS", "CLOVISOR_JAEGER",
+                               "CLOVISOR_LOG_LEVEL") and not k.startswith("OTEL_")},
+               **(env or {})}
         proc = subprocess.Popen([*node.topo.nsenter_prefix(node.ns), *argv],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -474,7 +480,8 @@ def test_jaeger_endpoint_change_in_redis_moves_the_spans(
 
     with node.in_node(GrpcReceiver) as other:
         node.redis_do(lambda r: r.set("clovisor_jaeger_server", f"127.0.0.1:{other.port}"))
-        a.wait_log(f"spans now go to 127.0.0.1:{other.port}")
+        a.wait_log(f"spans now go to grpc http://127.0.0.1:{other.port} "
+                   "(from Redis clovisor_jaeger_server)")
         node.curl("web", "/moved")
         (span,) = wait_spans(other, lambda s: s.attrs.get("url.path") == "/moved")
         assert span.resource["k8s.pod.name"] == "web"
@@ -594,3 +601,101 @@ def test_parser_plugins_from_redis_loaded_reloaded_broken_ones_disabled(
     node.curl("web", "/")
     wait_spans(jaeger, of_pod("web"))
     assert a.proc.poll() is None and traced(node, "cache")
+
+
+def test_otel_settings_alone_mutual_tls_auth_header_and_debug_json_logs(
+    node: Node, kube: KubeServer, agent: AgentFactory
+) -> None:
+    """No Redis key, no --jaeger: OTEL_EXPORTER_OTLP_* say where and how, TLS included."""
+    pki = make_pki(node.tmp)
+    secret = "Bearer s3cr3t-t0ken"
+    kube.add_pod(web_pod(node))
+    with node.in_node(lambda: GrpcReceiver(tls=pki)) as collector:
+        env = {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"https://127.0.0.1:{collector.port}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca),
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(pki.client_cert),
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(pki.client_key),
+            "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20s3cr3t-t0ken",
+        }
+        a = agent("--log-level", "debug", "--log-format", "json", env=env)
+        a.wait_log(f"spans to grpc https://127.0.0.1:{collector.port} "
+                   "(from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)")
+        wait_traced(node, "web")
+        node.curl("web", "/tls")
+        (span,) = wait_spans(collector, lambda s: s.attrs.get("url.path") == "/tls")
+        assert span.resource["k8s.pod.name"] == "web"
+        assert {r.headers["authorization"] for r in collector.received} == {secret}
+
+        # Redis names an endpoint: it wins over the OTEL one, and the OTEL
+        # settings (CA, client certificate, header) still apply to it.
+        with node.in_node(lambda: GrpcReceiver(tls=pki)) as other:
+            node.redis_do(lambda r: r.set("clovisor_jaeger_server",
+                                          f"127.0.0.1:{other.port}"))
+            a.wait_log(f"spans now go to grpc https://127.0.0.1:{other.port} "
+                       "(from Redis clovisor_jaeger_server)")
+            node.curl("web", "/redis-wins")
+            wait_spans(other, lambda s: s.attrs.get("url.path") == "/redis-wins")
+            assert {r.headers["authorization"] for r in other.received} == {secret}
+        assert a.stop() == 0
+
+    records = [json.loads(line) for line in a.lines]  # every line is one JSON object
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    levels = {r["level"] for r in records}
+    assert "debug" in levels and "info" in levels, levels
+    assert any("kube pods: listed" in r["message"] for r in records)
+    assert any("segments seen" in r["message"] for r in records)  # the totals, as a record
+    assert "s3cr3t" not in a.log
+
+
+def test_otel_endpoint_over_http_protobuf_by_default(
+    node: Node, kube: KubeServer, agent: AgentFactory
+) -> None:
+    kube.add_pod(web_pod(node))
+    with node.in_node(HttpReceiver) as collector:
+        # No protocol given: http/protobuf, as the OpenTelemetry specification says.
+        a = agent("-v", env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint})
+        a.wait_log(f"spans to http/protobuf {collector.url}")
+        wait_traced(node, "web")
+        node.curl("web", "/over-http")
+        (span,) = wait_spans(collector, lambda s: s.attrs.get("url.path") == "/over-http")
+        assert span.resource["service.name"] == "web"
+        assert collector.received[0].headers["content-type"] == "application/x-protobuf"
+        assert " DEBUG " in a.log  # -v after the subcommand: info -> debug
+        assert a.stop() == 0
+
+
+def test_two_services_web_in_two_namespaces_stay_apart_in_spans_and_metrics(
+    node: Node, kube: KubeServer, jaeger: GrpcReceiver, agent: AgentFactory
+) -> None:
+    node.redis_do(lambda r: r.rpush("clovisor_labels", "default", "shop"))
+    kube.delete_service("api", namespace="shop")
+    kube.add_service(make_service("web", namespace="shop", selector={"app": "api"},
+                                  ports=[("http", 80, HTTP_PORT)]))
+    kube.add_pod(web_pod(node))
+    kube.add_pod(api_pod(node))
+    a = agent()
+    wait_traced(node, "web", "api")
+    node.curl("web", "/a")
+    node.curl("api", "/b")
+    node.curl("api", "/c")
+    found = wait_spans(jaeger, lambda s: s.attrs.get("url.path") in ("/a", "/b", "/c"), n=3)
+    assert {(s.resource["service.name"], s.resource["service.namespace"]) for s in found} == {
+        ("web", "default"), ("web", "shop")}
+
+    def series() -> dict[tuple[str, str], float]:
+        """Requests per (service_name, service_namespace), over every route."""
+        out: dict[tuple[str, str], float] = {}
+        for fam in text_string_to_metric_families(node.get("/metrics")[1]):
+            for s in fam.samples:
+                if s.name == "http_server_request_duration_seconds_count":
+                    key = (s.labels["service_name"], s.labels["service_namespace"])
+                    out[key] = out.get(key, 0) + s.value
+        return out
+
+    wait_until(lambda: len(series()) == 2, "both services have their own series")
+    assert series() == {("web", "default"): 1, ("web", "shop"): 2}
+    text = node.get("/metrics")[1]
+    assert "process_resident_memory_bytes" in text and "python_info" in text
+    assert a.proc.poll() is None

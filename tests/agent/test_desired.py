@@ -43,7 +43,8 @@ def test_default_monitors_namespace_default() -> None:
     t = d.targets["default/a"]
     assert [(p.port, p.protocol) for p in t.ports] == [(8080, "http")]
     assert t.service_name == "web"
-    assert dict(t.resource) == {"k8s.namespace.name": "default", "k8s.pod.name": "a",
+    assert dict(t.resource) == {"service.namespace": "default",
+                                "k8s.namespace.name": "default", "k8s.pod.name": "a",
                                 "k8s.node.name": NODE, "k8s.pod.uid": "uid-a",
                                 "k8s.container.name": "web"}
 

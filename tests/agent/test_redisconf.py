@@ -171,17 +171,22 @@ def test_jaeger_good(value: str | bytes | None, expected: JaegerEndpoint) -> Non
 
 
 def test_jaeger_default_is_the_agents() -> None:
-    # --jaeger stands in for an unset key; a key without a port still means 4317.
+    # --jaeger stands in for an empty flag; a key without a port still means 4317.
     mine = JaegerEndpoint(host="10.200.0.1", port=14317)
     assert parse_jaeger(None, mine) == mine
     assert parse_jaeger(" ", mine) == mine
     assert parse_jaeger("otel", mine) == JaegerEndpoint(host="otel", port=4317)
-    config, errors = build_config({KEY_JAEGER: b"bad host"}, default_jaeger=mine)
-    assert config.jaeger == mine and errors == [
+
+
+def test_unset_or_bad_jaeger_key_names_no_endpoint() -> None:
+    # The agent's own settings decide then (clovisor.agent.destination).
+    config, errors = build_config({KEY_JAEGER: b"bad host"})
+    assert config.jaeger is None and errors == [
         "clovisor_jaeger_server skipped: jaeger server 'bad host': 'bad host' is not a valid "
-        "host name or IP address; using 10.200.0.1:14317"
+        "host name or IP address; spans go where the agent's own settings say"
     ]
-    assert build_config({}, default_jaeger=mine)[0].jaeger == mine
+    assert build_config({})[0].jaeger is None
+    assert build_config({KEY_JAEGER: b"  "})[0].jaeger is None
 
 
 @pytest.mark.parametrize(
@@ -278,11 +283,12 @@ def test_build_config_wrong_types_take_defaults_rest_applies() -> None:
     assert errors == [
         "clovisor_labels is not a Redis list; using its default",
         "clovisor_egress_match is not a Redis list; using its default",
-        "clovisor_jaeger_server is not a Redis string; using jaeger-collector.clovisor:4317",
+        "clovisor_jaeger_server is not a Redis string; spans go where the agent's own "
+        "settings say",
         "clovisor_proto_cfg is not a Redis hash; using its default",
     ]
     config, errors = build_config({KEY_JAEGER: b"x" * 513}, {KEY_JAEGER: 10**6})
-    assert config.jaeger == JaegerEndpoint()
+    assert config.jaeger is None
     assert "1000000 bytes" in errors[0]
 
 
@@ -559,3 +565,20 @@ def test_bad_url_is_a_spec_error() -> None:
     src = RedisConfigSource()  # the default needs no DNS until start()
     assert src.url == "redis://redis.clovisor:6379/0"
     assert redisconf.DEFAULT_URL == "redis.clovisor:6379"
+
+
+def test_password_from_the_agent_not_the_url(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, password="s3cr3t pass") as srv:
+        redis.Redis(host="127.0.0.1", port=srv.port, password="s3cr3t pass").rpush(
+            KEY_LABELS, "shop")
+        rec = Recorder()
+        with RedisConfigSource(srv.url, rec.on_change, poll_interval=0.1,
+                               password="s3cr3t pass") as src:
+            assert rec.wait(lambda: bool(rec.configs))
+            assert rec.last.labels == (LabelRule(namespace="shop"),)
+            assert src.connected
+        # Without it: NOAUTH is an outage (the defaults, retried), never the keys.
+        other = Recorder()
+        with RedisConfigSource(srv.url, other.on_change, poll_interval=0.1) as anonymous:
+            assert other.wait(lambda: bool(other.configs))
+            assert other.last == AgentConfig() and not anonymous.connected

@@ -14,6 +14,9 @@ the way a Collector or Jaeger would. Switches make them misbehave:
 * ``stop()`` / ``start()``: stop listening (live connections are cut too),
   and listen again on the *same* port.
 
+``tls=Pki`` (:mod:`tests.export.certs`) makes either one a TLS server that
+also requires a client certificate signed by the same CA (mutual TLS).
+
 Use as context managers, or call ``close()``. Nothing here is global: every
 receiver owns its server, threads and port.
 """
@@ -24,6 +27,7 @@ import contextlib
 import gzip
 import http.server
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +45,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+
+from tests.export.certs import Pki
 
 __all__ = ["FailMode", "GrpcReceiver", "HttpReceiver", "Received", "Receiver"]
 
@@ -64,9 +70,11 @@ class Received:
 class Receiver:
     """What both transports share: recording, failure switches, waiting."""
 
-    def __init__(self, host: str = "127.0.0.1", *, keep: bool = True) -> None:
+    def __init__(self, host: str = "127.0.0.1", *, keep: bool = True,
+                 tls: Pki | None = None) -> None:
         self.host = host
         self.port = 0
+        self.tls = tls
         self._keep = keep  # False: count spans only (benchmarks)
         self._span_total = 0
         self._cond = threading.Condition()
@@ -157,7 +165,7 @@ class Receiver:
     @property
     def endpoint(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def start(self) -> None:
         raise NotImplementedError
@@ -219,8 +227,9 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
 class GrpcReceiver(Receiver):
     """An OTLP/gRPC receiver (``TraceService/Export``), started at construction."""
 
-    def __init__(self, host: str = "127.0.0.1", *, keep: bool = True) -> None:
-        super().__init__(host, keep=keep)
+    def __init__(self, host: str = "127.0.0.1", *, keep: bool = True,
+                 tls: Pki | None = None) -> None:
+        super().__init__(host, keep=keep, tls=tls)
         self._server: Any = None
         self.start()
 
@@ -233,7 +242,15 @@ class GrpcReceiver(Receiver):
         add = trace_service_pb2_grpc.add_TraceServiceServicer_to_server
         add(_Servicer(self), server)  # type: ignore[no-untyped-call]
         host = f"[{self.host}]" if ":" in self.host else self.host
-        port = server.add_insecure_port(f"{host}:{self.port}")
+        if self.tls is None:
+            port = server.add_insecure_port(f"{host}:{self.port}")
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(self.tls.server_key.read_bytes(), self.tls.server_cert.read_bytes())],
+                root_certificates=self.tls.ca.read_bytes(),
+                require_client_auth=True,
+            )
+            port = server.add_secure_port(f"{host}:{self.port}", credentials)
         if not port:
             raise OSError(f"cannot listen on {host}:{self.port}")
         self.port = port
@@ -319,6 +336,13 @@ class _HttpServer(http.server.ThreadingHTTPServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, addr = super().get_request()
+        tls = self.owner.tls
+        if tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
+            ctx.load_cert_chain(str(tls.server_cert), str(tls.server_key))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            # The handshake happens in the handler's thread, at its first read.
+            conn = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         self.owner._track(conn)
         return conn, addr
 
@@ -327,9 +351,10 @@ class HttpReceiver(Receiver):
     """An OTLP/HTTP receiver (``POST /v1/traces``, protobuf), started at construction."""
 
     def __init__(
-        self, host: str = "127.0.0.1", path: str = "/v1/traces", *, keep: bool = True
+        self, host: str = "127.0.0.1", path: str = "/v1/traces", *, keep: bool = True,
+        tls: Pki | None = None,
     ) -> None:
-        super().__init__(host, keep=keep)
+        super().__init__(host, keep=keep, tls=tls)
         self.path = path
         self._server: _HttpServer | None = None
         self._thread: threading.Thread | None = None

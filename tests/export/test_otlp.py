@@ -31,6 +31,7 @@ from clovisor.export.record import SpanRecord
 from clovisor.export.spans import session_to_span
 from tests.conftest import wait_until
 
+from .certs import Pki, make_pki
 from .receiver import GrpcReceiver, HttpReceiver, Receiver
 from .sessions import RESOURCE, record, request, session, span, to_wall
 from .test_export_properties import sessions as session_strategy
@@ -618,3 +619,62 @@ def test_http_over_ipv6_loopback(make_exporter: Callable[..., OtlpExporter]) -> 
         e.export(many(3))
         assert e.flush(5)
         assert r.span_count() == 3
+
+
+# --- TLS, configured through OTEL_EXPORTER_OTLP_* alone ------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_env(r: Receiver, pki: Pki, **extra: str) -> dict[str, str]:
+    grpc_ = isinstance(r, GrpcReceiver)
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": r.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc" if grpc_ else "http/protobuf",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca),
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(pki.client_cert),
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(pki.client_key),
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20s3cr3t",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("cls", [GrpcReceiver, HttpReceiver])
+def test_mutual_tls_and_auth_header_from_the_environment_alone(
+    cls: type[Receiver], pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with cls(tls=pki) as r:  # type: ignore[call-arg]
+        config = resolve_config("otlp", "", tls_env(r, pki))
+        assert config.endpoint.startswith("https://") and not config.insecure
+        e = OtlpExporter(config, **FAST)
+        e.export(many(3))
+        assert e.flush(5)
+        e.shutdown()
+        assert settled(e, 3)["spans_exported"] == 3
+        assert r.span_count() == 3
+        assert {x.headers["authorization"] for x in r.received} == {"Bearer s3cr3t"}
+    assert "s3cr3t" not in caplog.text and "s3cr3t" not in repr(config)
+
+
+@pytest.mark.parametrize("cls", [GrpcReceiver, HttpReceiver])
+@pytest.mark.parametrize("missing", ["OTEL_EXPORTER_OTLP_CERTIFICATE", "client certificate"])
+def test_tls_fails_without_the_ca_or_without_a_client_certificate(
+    cls: type[Receiver], pki: Pki, missing: str
+) -> None:
+    with cls(tls=pki) as r:  # type: ignore[call-arg]
+        env = tls_env(r, pki)
+        if missing == "client certificate":
+            del env["OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"], env["OTEL_EXPORTER_OTLP_CLIENT_KEY"]
+        else:
+            del env[missing]
+        e = OtlpExporter(resolve_config("otlp", "", env), **FAST)
+        e.export(many(2))
+        # Tried, refused at the handshake, retried: never delivered in the clear.
+        assert wait_until(lambda: e.stats()["send_retries"] >= 2, 10), e.stats()
+        e.shutdown(timeout=0.5)
+        assert settled(e, 2)["spans_exported"] == 0
+        assert r.span_count() == 0

@@ -87,6 +87,69 @@ def _egress_for(pod: PodInfo, rules: Iterable[EgressRule]) -> tuple[EgressRule, 
     return tuple(r for r in rules if not r.pod_prefix or pod.name.startswith(r.pod_prefix))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Served:
+    """What the Services selecting a pod say about it."""
+
+    ports: tuple[TracedPort, ...]  # container ports behind an HTTP (or plugin) service port
+    service_name: str  # the first such Service, by namespace and name ("" if none)
+    containers: tuple[str, ...]  # the containers owning those ports
+
+
+def served_ports(
+    pod: PodInfo, services: Iterable[ServiceInfo], known: frozenset[str] = BUILTIN_PROTOCOLS
+) -> Served:
+    """The traced ports of ``pod`` from the Services that select it (the
+    ``kubernetes`` Service skipped), in Service order."""
+    ports: dict[int, TracedPort] = {}
+    service_name = ""
+    containers: list[str] = []
+    for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
+        if (svc.namespace, svc.name) == ("default", "kubernetes"):
+            continue
+        if not _matches_selector(pod, svc):
+            continue
+        for sp in svc.ports:
+            proto = port_protocol(sp, known)
+            if proto is None:
+                continue
+            cp = _container_port(pod, sp.target_port)
+            if cp is None:
+                continue  # the pod does not expose what the service targets
+            if cp.port not in ports:
+                ports[cp.port] = TracedPort(port=cp.port, protocol=proto)
+                service_name = service_name or svc.name
+                if cp.container not in containers:
+                    containers.append(cp.container)
+    return Served(ports=tuple(ports.values()), service_name=service_name,
+                  containers=tuple(containers))
+
+
+def default_service_name(pod: PodInfo) -> str:
+    """``service.name`` of a pod no Service names: its app label, else its name."""
+    labels = pod.label_map()
+    return labels.get("app.kubernetes.io/name") or labels.get("app") or pod.name
+
+
+def pod_resource(
+    pod: PodInfo, node_name: str, containers: Sequence[str] = ()
+) -> tuple[tuple[str, str], ...]:
+    """The ``service.namespace`` and ``k8s.*`` resource attributes of a pod's spans."""
+    resource = [
+        # The OTel convention for a Kubernetes service's namespace: two
+        # Services "web" in two namespaces are two services.
+        ("service.namespace", pod.namespace),
+        ("k8s.namespace.name", pod.namespace),
+        ("k8s.pod.name", pod.name),
+        ("k8s.node.name", node_name),
+    ]
+    if pod.uid:
+        resource.append(("k8s.pod.uid", pod.uid))
+    if containers:
+        resource.append(("k8s.container.name", containers[0]))
+    return tuple(resource)
+
+
 def compute(
     pods: Iterable[PodInfo],
     services: Iterable[ServiceInfo],
@@ -95,10 +158,7 @@ def compute(
     known_protocols: frozenset[str] = BUILTIN_PROTOCOLS,
 ) -> Desired:
     """The pods to trace on ``node_name`` and how."""
-    svcs = sorted(
-        (s for s in services if not (s.namespace == "default" and s.name == "kubernetes")),
-        key=lambda s: (s.namespace, s.name),
-    )
+    svcs = sorted(services, key=lambda s: (s.namespace, s.name))
     targets: dict[str, Target] = {}
     skipped: list[tuple[str, str]] = []
     for pod in sorted(pods, key=lambda p: p.key):
@@ -109,39 +169,13 @@ def compute(
             continue
         if pod.phase != "Running" or not pod.ip or pod.deleting:
             continue
-        ports: dict[int, TracedPort] = {}
-        service_name = ""
-        containers: list[str] = []
-        for svc in svcs:
-            if not _matches_selector(pod, svc):
-                continue
-            for sp in svc.ports:
-                proto = port_protocol(sp, known_protocols)
-                if proto is None:
-                    continue
-                cp = _container_port(pod, sp.target_port)
-                if cp is None:
-                    continue  # the pod does not expose what the service targets
-                if cp.port not in ports:
-                    ports[cp.port] = TracedPort(port=cp.port, protocol=proto)
-                    service_name = service_name or svc.name
-                    if cp.container not in containers:
-                        containers.append(cp.container)
+        served = served_ports(pod, svcs, known_protocols)
         egress = _egress_for(pod, config.egress)
-        if not ports and not egress:
+        if not served.ports and not egress:
             continue
-        name = service_name or pod.label_map().get("app.kubernetes.io/name") or (
-            pod.label_map().get("app") or pod.name
-        )
-        resource = [
-            ("k8s.namespace.name", pod.namespace),
-            ("k8s.pod.name", pod.name),
-            ("k8s.node.name", node_name),
-        ]
-        if pod.uid:
-            resource.append(("k8s.pod.uid", pod.uid))
-        if containers:
-            resource.append(("k8s.container.name", containers[0]))
+        ports = {p.port: p for p in served.ports}
+        name = served.service_name or default_service_name(pod)
+        resource = pod_resource(pod, node_name, served.containers)
         targets[pod.key] = Target(
             pod_key=pod.key,
             pod_ip=pod.ip,
@@ -149,6 +183,6 @@ def compute(
             ports=tuple(sorted(ports.values(), key=lambda p: p.port)),
             egress=egress,
             service_name=name,
-            resource=tuple(resource),
+            resource=resource,
         )
     return Desired(targets=targets, skipped=tuple(skipped))

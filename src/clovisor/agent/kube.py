@@ -74,12 +74,14 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def api_client(kubeconfig: str | None = None) -> ApiClient:
+def api_client(kubeconfig: str | None = None, *, retries: int | None = None) -> ApiClient:
     """An API client from ``kubeconfig``, ``$KUBECONFIG``, the pod's service account
     or ``~/.kube/config``, in that order (controller-runtime's order: an
     explicit file beats the in-cluster account, which beats the default file).
 
-    Raises :class:`KubeError` with a one-line reason when none of them works.
+    ``retries`` replaces urllib3's own (3, each logged) for a caller that
+    reports failures itself. Raises :class:`KubeError` with a one-line reason
+    when none of them works.
     """
     cfg = k8s_client.Configuration()
     env_file = os.environ.get("KUBECONFIG", "").strip()
@@ -123,6 +125,8 @@ def api_client(kubeconfig: str | None = None) -> ApiClient:
             )
         except Exception as exc:
             raise KubeError(f"kubeconfig {default}: {_one_line(exc)}") from None
+    if retries is not None:
+        cfg.retries = retries
     api = ApiClient(cfg)
     api.user_agent = USER_AGENT
     return api
@@ -299,14 +303,15 @@ class _Backoff:
         self.attempt = 0
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """One line for a failed API call: the HTTP status, or the connection error."""
     if isinstance(exc, ApiException):
         text = f"HTTP {exc.status} {exc.reason or ''}".strip()
         if exc.status in (401, 403):
             text += " (check the agent's ServiceAccount and ClusterRole: list/watch pods, services)"
         return text
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
-        return _describe(exc.reason)
+        return describe_error(exc.reason)
     return f"{type(exc).__name__}: {_one_line(exc)}"
 
 
@@ -426,7 +431,7 @@ class _Reflector:
 
     def _fail(self, exc: BaseException) -> None:
         self.n["errors"] += 1
-        self.last_error = _describe(exc)
+        self.last_error = describe_error(exc)
         self._failing += 1
         delay = self._backoff.next()
         # The first failure of a streak is news; the next hundred are not.

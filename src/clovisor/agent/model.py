@@ -9,7 +9,7 @@ The Kubernetes watcher turns API objects into :class:`PodInfo` and
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -102,7 +102,7 @@ class AgentConfig:
 
     labels: tuple[LabelRule, ...] = DEFAULT_LABELS
     egress: tuple[EgressRule, ...] = ()
-    jaeger: JaegerEndpoint = field(default_factory=JaegerEndpoint)
+    jaeger: JaegerEndpoint | None = None  # clovisor_jaeger_server; None: Redis names none
     proto_cfg: tuple[tuple[str, str], ...] = ()  # protocol name -> parser reference
 
 

@@ -26,7 +26,7 @@ Resolver = Callable[[str], HostLink | None]  # pod IP -> host-side interface, or
 ProtocolId = Callable[[str], int | None]  # protocol name -> kernel id, or None
 
 
-def _builtin_id(name: str) -> int | None:
+def builtin_protocol_id(name: str) -> int | None:
     proto = PROTOCOLS.get(name)
     return None if proto is None else int(proto)
 
@@ -45,7 +45,7 @@ class ReconcileResult:
 
 
 def interface_target(
-    ifname: str, target: Target, protocol_id: ProtocolId = _builtin_id
+    ifname: str, target: Target, protocol_id: ProtocolId = builtin_protocol_id
 ) -> InterfaceTarget:
     """The tracer's view of one pod: its interface, ports, rules and resource."""
     ports = []
@@ -71,7 +71,7 @@ class Reconciler:
     """
 
     def __init__(
-        self, tracer: Tracer, resolve: Resolver, protocol_id: ProtocolId = _builtin_id
+        self, tracer: Tracer, resolve: Resolver, protocol_id: ProtocolId = builtin_protocol_id
     ) -> None:
         self._tracer = tracer
         self._resolve = resolve

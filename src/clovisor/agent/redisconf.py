@@ -9,8 +9,9 @@ Keys (the original Clovisor's, ``shared/ORIGINAL.md``):
     ``<IP>:<port>[:<pod name prefix>]``; IP ``0`` is any address,
     ``[v6]:port`` for IPv6.
 ``clovisor_jaeger_server`` (string)
-    ``host[:port]`` of the OTLP collector; default
-    ``jaeger-collector.clovisor:4317`` (OTLP gRPC).
+    ``host[:port]`` of the OTLP/gRPC collector (port 4317 by default). While
+    it is unset or unusable, the agent's own settings decide
+    (:mod:`clovisor.agent.destination`).
 ``clovisor_proto_cfg`` (hash)
     protocol name -> parser reference (see :mod:`clovisor.agent.plugins`).
 Channel ``clovisor_proto_plugin_cfg_chan``
@@ -43,7 +44,7 @@ import redis.client
 import redis.exceptions
 import redis.retry
 
-from ..specs import SpecError, parse_egress
+from ..specs import DNS_SUBDOMAIN, SpecError, check_namespace, parse_egress
 from .model import (
     DEFAULT_LABELS,
     DEFAULT_REDIS,
@@ -69,10 +70,6 @@ CHANNEL_PLUGINS = "clovisor_proto_plugin_cfg_chan"
 MAX_ENTRIES = 1000  # per list or hash: more is a mistake (or an attack), not a config
 MAX_ENTRY_LEN = 512  # longer than any valid entry (a label rule is at most ~450)
 
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(
-    r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-)
 _QUALIFIED = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
 _POD_PREFIX = re.compile(r"[a-z0-9][-a-z0-9.]*")
@@ -119,15 +116,9 @@ def _dedup(items: Iterable[T]) -> tuple[T, ...]:
 # -- clovisor_labels -------------------------------------------------------------------------
 
 
-def check_namespace(text: str) -> str:
-    if len(text) > 63 or not _DNS_LABEL.fullmatch(text):
-        raise SpecError(f"namespace {text!r} is not a valid DNS-1123 label")
-    return text
-
-
 def check_node_name(text: str) -> str:
     """A Kubernetes node name (a DNS-1123 subdomain): ``--node`` / ``MY_NODE_NAME``."""
-    if not text or len(text) > 253 or not _DNS_SUBDOMAIN.fullmatch(text):
+    if not text or len(text) > 253 or not DNS_SUBDOMAIN.fullmatch(text):
         raise SpecError(f"node name {text!r} is not a valid DNS-1123 subdomain")
     return text
 
@@ -135,7 +126,7 @@ def check_node_name(text: str) -> str:
 def check_label_key(text: str) -> str:
     """A Kubernetes label key: ``[prefix/]name``, the prefix a DNS subdomain."""
     prefix, slash, name = text.rpartition("/")
-    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+    if slash and (not prefix or len(prefix) > 253 or not DNS_SUBDOMAIN.fullmatch(prefix)):
         raise SpecError(f"label key {text!r}: prefix {prefix!r} is not a DNS subdomain")
     if not name or len(name) > 63 or not _QUALIFIED.fullmatch(name):
         raise SpecError(
@@ -353,14 +344,13 @@ def build_config(
     lengths: Mapping[str, int] | None = None,
     *,
     max_entries: int = MAX_ENTRIES,
-    default_jaeger: JaegerEndpoint | None = None,
 ) -> tuple[AgentConfig, list[str]]:
     """One read of the keys -> (configuration, one line per problem).
 
     ``values`` maps each key to what Redis returned (None: missing,
     :class:`WrongType`: another type); ``lengths`` gives the real size of
-    lists and hashes that were read only up to ``max_entries``;
-    ``default_jaeger`` is the endpoint while the key is unset or unusable.
+    lists and hashes that were read only up to ``max_entries``. The
+    configuration's ``jaeger`` is None while the key is unset or unusable.
     """
     errors: list[str] = []
     lengths = lengths or {}
@@ -392,20 +382,22 @@ def build_config(
         egress += rules
         errors += errs
 
-    jaeger = default_jaeger or JaegerEndpoint()
+    jaeger: JaegerEndpoint | None = None
+    ignored = "spans go where the agent's own settings say"
     jaeger_raw = values.get(KEY_JAEGER)
     if isinstance(jaeger_raw, WrongType | list | dict):
-        errors.append(f"{KEY_JAEGER} is not a Redis string; using {jaeger}")
+        errors.append(f"{KEY_JAEGER} is not a Redis string; {ignored}")
     elif jaeger_raw is not None:
         if lengths.get(KEY_JAEGER, 0) > len(jaeger_raw):
             errors.append(
-                f"{KEY_JAEGER}: {lengths[KEY_JAEGER]} bytes is no host[:port]; using {jaeger}"
+                f"{KEY_JAEGER}: {lengths[KEY_JAEGER]} bytes is no host[:port]; {ignored}"
             )
         else:
             try:
-                jaeger = parse_jaeger(jaeger_raw, jaeger)
+                text = _text(jaeger_raw)
+                jaeger = parse_jaeger(text) if text else None
             except SpecError as exc:
-                errors.append(f"{KEY_JAEGER} skipped: {exc}; using {jaeger}")
+                errors.append(f"{KEY_JAEGER} skipped: {exc}; {ignored}")
 
     proto_raw = listed(KEY_PROTO_CFG, "hash")
     proto_cfg, errs = parse_proto_cfg(
@@ -496,8 +488,8 @@ class RedisConfigSource:
     the outage once. ``on_plugin_message(name)`` is called for each valid
     protocol name published on ``clovisor_proto_plugin_cfg_chan`` (several
     messages naming the same protocol at once make one call).
-    ``default_jaeger`` stands in while ``clovisor_jaeger_server`` is unset,
-    unusable or unreadable (the agent's ``--jaeger``).
+
+    ``password`` authenticates when the URL carries none.
 
     Callback exceptions are logged; they never stop the source.
     """
@@ -513,10 +505,12 @@ class RedisConfigSource:
         max_backoff: float = 10.0,
         timeout: float = 2.0,
         health_check_interval: int = 30,
-        default_jaeger: JaegerEndpoint | None = None,
+        password: str | None = None,
     ) -> None:
         self.url = redis_url(url)
-        self.default_jaeger = default_jaeger or JaegerEndpoint()
+        # From CLOVISOR_REDIS_PASSWORD (a Kubernetes Secret): kept out of
+        # the URL, which is logged without credentials but shown in ps.
+        auth = {"password": password} if password else {}
         self.display = display_url(self.url)
         self._on_change = on_change
         self._on_plugin_message = on_plugin_message
@@ -533,13 +527,14 @@ class RedisConfigSource:
                 retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
                 # Notices a pub/sub connection that died silently (NAT, conntrack).
                 health_check_interval=health_check_interval,
+                **auth,
             )
         except ValueError as exc:
             raise SpecError(f"redis {self.display}: {exc}") from None
         self._pubsub: redis.client.PubSub | None = None
         self._subscribe_denied = False
         self._lock = threading.Lock()
-        self._config = AgentConfig(jaeger=self.default_jaeger)
+        self._config = AgentConfig()
         self._applied = False
         self._connected = False
         self._ever_connected = False
@@ -680,7 +675,7 @@ class RedisConfigSource:
     def _poll(self) -> None:
         values, lengths = self._read()
         config, problems = build_config(
-            values, lengths, max_entries=self.max_entries, default_jaeger=self.default_jaeger
+            values, lengths, max_entries=self.max_entries
         )
         if not self._connected:
             if self._ever_connected:
@@ -750,7 +745,7 @@ class RedisConfigSource:
             "configuration: labels %s; egress %s; jaeger %s; protocols %s",
             _some(_label_text(r) for r in config.labels),
             _some(_egress_text(r) for r in config.egress) or "none",
-            config.jaeger,
+            config.jaeger or "unset",
             _some(f"{n}={r}" for n, r in config.proto_cfg) or "built-in only",
         )
         self._call(self._on_change, config)
@@ -772,7 +767,7 @@ class RedisConfigSource:
         else:
             log.debug("redis %s still unreachable: %s", self.display, _error_text(exc))
         if not self._applied:
-            self._apply(AgentConfig(jaeger=self.default_jaeger))
+            self._apply(AgentConfig())
 
     def _call(self, callback: Callable[[T], None] | None, arg: T) -> None:
         if callback is None:

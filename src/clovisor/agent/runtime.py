@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 
 from ..export import Exporter
 from ..export.otlp import OtlpExporter
-from ..export.otlp_config import resolve_config
+from ..export.otlp_config import OtlpConfig
 from ..health import Health
 from ..kernel.attach import cleanup
 from ..kernel.errors import KernelError
 from ..pipeline import Beat, SessionObserver, SpanFilter, Totals, Tracer, TracerSettings
 from .desired import compute
+from .destination import Destination
 from .ifaces import InterfaceCache
 from .kube import ApiClient, KubeWatcher
 from .model import AgentConfig, JaegerEndpoint
@@ -71,17 +72,9 @@ class Waiting:
 class AgentSettings:
     node_name: str
     redis_url: str = DEFAULT_URL
-    default_jaeger: JaegerEndpoint = field(default_factory=JaegerEndpoint)
+    redis_password: str | None = field(default=None, repr=False)  # CLOVISOR_REDIS_PASSWORD
+    destination: Destination = field(default_factory=Destination)
     tracer: TracerSettings = field(default_factory=TracerSettings)
-
-
-def jaeger_exporter(endpoint: JaegerEndpoint) -> OtlpExporter:
-    """Plaintext OTLP/gRPC to ``endpoint``; OTEL_EXPORTER_OTLP_* add headers, timeout...
-
-    Raises :class:`~clovisor.export.ExporterConfigError` for bad variables.
-    """
-    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
-    return OtlpExporter(resolve_config("otlp-grpc", f"http://{host}:{endpoint.port}"))
 
 
 class Agent:
@@ -101,11 +94,11 @@ class Agent:
         self.health = health or Health()
         self._beat = beat or (lambda _loop: None)
         self.registry = ParserRegistry()
-        self._jaeger = settings.default_jaeger  # where spans go
-        self._jaeger_seen = self._jaeger  # what the configuration last said
+        self._export: OtlpConfig = settings.destination.config(None)  # where spans go
+        self._jaeger_seen: JaegerEndpoint | None = None  # what Redis last said
         self.tracer = Tracer(
             settings.tracer,
-            [jaeger_exporter(self._jaeger)],
+            [OtlpExporter(self._export)],
             observers=observers,
             span_filter=span_filter,
             beat=beat,
@@ -118,7 +111,7 @@ class Agent:
             settings.redis_url,
             lambda _config: self._wake.set(),
             on_plugin_message=self._on_plugin_message,
-            default_jaeger=settings.default_jaeger,
+            password=settings.redis_password,
         )
         self.kube = KubeWatcher(
             api, settings.node_name, self._wake.set, namespaces=self._namespaces
@@ -143,8 +136,9 @@ class Agent:
         cannot be loaded (nothing is attached then).
         """
         s = self.settings
-        log.info("agent on node %s: Redis %s, Jaeger %s unless Redis names one",
-                 s.node_name, self.redis.display, self._jaeger)
+        log.info("agent on node %s: Redis %s; spans to %s (from %s) unless Redis names an "
+                 "endpoint", s.node_name, self.redis.display, self._export.describe(),
+                 s.destination.source(None))
         self.health.set_ready(False, "loading the classifier")
         self._remove_leftovers()
         try:
@@ -253,18 +247,23 @@ class Agent:
             self._proto_cfg = config.proto_cfg
         if config.jaeger != self._jaeger_seen:
             self._jaeger_seen = config.jaeger
-            self._use_jaeger(config.jaeger)
+            self._use_endpoint(config.jaeger)
 
-    def _use_jaeger(self, endpoint: JaegerEndpoint) -> None:
+    def _use_endpoint(self, redis: JaegerEndpoint | None) -> None:
+        destination = self.settings.destination
         try:
-            exporter = jaeger_exporter(endpoint)
+            export = destination.config(redis)
+            if export == self._export:
+                return
+            exporter = OtlpExporter(export)
         except Exception as exc:
-            log.error("Jaeger endpoint %s not used: %s; spans still go to %s",
-                      endpoint, exc, self._jaeger)
+            log.error("endpoint %s not used: %s; spans still go to %s",
+                      redis, exc, self._export.describe())
             return
         old = self.tracer.swap_exporters([exporter])
-        log.info("spans now go to %s (OTLP gRPC), no longer to %s", endpoint, self._jaeger)
-        self._jaeger = endpoint
+        log.info("spans now go to %s (from %s), no longer to %s", export.describe(),
+                 destination.source(redis), self._export.describe())
+        self._export = export
         for e in old:
             # Flushing to an endpoint that may be gone must not hold up the loop.
             t = threading.Thread(target=_shutdown, args=(e,), name="exporter-retire", daemon=True)

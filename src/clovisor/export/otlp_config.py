@@ -24,7 +24,9 @@ then ``OTEL_EXPORTER_OTLP_<X>``, then the default.
 ``CERTIFICATE``, ``CLIENT_KEY``, ``CLIENT_CERTIFICATE``
     PEM files: the CA to trust, and the client key and certificate for mTLS.
 ``INSECURE``
-    ``true`` for plaintext gRPC to an endpoint written without a scheme.
+    ``true`` for plaintext gRPC to an endpoint written without a scheme
+    (``true`` or ``false``, anything else is an error). For the agent's
+    ``host:port`` endpoints see :func:`grpc_host_config`.
 """
 
 from __future__ import annotations
@@ -34,13 +36,21 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Literal
 from urllib.parse import unquote, urlsplit
 
 from clovisor.export import ExporterConfigError
 
-__all__ = ["DEFAULT_TIMEOUT", "OtlpConfig", "OtlpProtocol", "redact_url", "resolve_config"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "OtlpConfig",
+    "OtlpProtocol",
+    "env_setting",
+    "grpc_host_config",
+    "redact_url",
+    "resolve_config",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -66,9 +76,9 @@ class OtlpConfig:
     protocol: OtlpProtocol
     endpoint: str
     insecure: bool = False
-    # Header values are credentials more often than not: keep them out of
-    # repr(), which ends up in logs and tracebacks.
-    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # Header values are credentials more often than not: __repr__ (which
+    # ends up in logs and tracebacks) shows their names only.
+    headers: tuple[tuple[str, str], ...] = ()
     timeout: float = DEFAULT_TIMEOUT
     compression: Literal["none", "gzip"] = "none"
     certificate_file: str | None = None
@@ -79,9 +89,20 @@ class OtlpConfig:
         """``grpc http://host:4317``: safe to log and to use as a metric label."""
         return f"{self.protocol} {redact_url(self.endpoint)}"
 
+    def __repr__(self) -> str:
+        # User info in the endpoint and header values are credentials.
+        return (
+            f"OtlpConfig({self.describe()!r}, insecure={self.insecure}, "
+            f"headers={[k for k, _ in self.headers]}, timeout={self.timeout}, "
+            f"compression={self.compression!r}, certificate_file={self.certificate_file!r}, "
+            f"client_key_file={self.client_key_file!r}, "
+            f"client_certificate_file={self.client_certificate_file!r})"
+        )
 
-def _setting(environ: Mapping[str, str], name: str) -> tuple[str, str] | None:
-    """(variable, value) of the first non-blank of the TRACES and generic variables."""
+
+def env_setting(environ: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """(variable, value) of the first non-blank of ``OTEL_EXPORTER_OTLP_TRACES_<name>``
+    and ``OTEL_EXPORTER_OTLP_<name>``; None when neither is set."""
     for var in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
         value = environ.get(var, "").strip()
         if value:
@@ -113,8 +134,7 @@ def _grpc_endpoint(url: str, source: str, environ: Mapping[str, str]) -> tuple[s
     """(``scheme://host:port``, insecure) for a gRPC endpoint setting."""
     if "://" not in url:
         # host:port, as the gRPC world writes it: TLS unless told otherwise.
-        insecure_setting = _setting(environ, "INSECURE")
-        insecure = insecure_setting is not None and insecure_setting[1].lower() == "true"
+        insecure = _insecure(environ) is True
         url = ("http://" if insecure else "https://") + url
     _check_url(url, source)
     parts = urlsplit(url)
@@ -125,6 +145,17 @@ def _grpc_endpoint(url: str, source: str, environ: Mapping[str, str]) -> tuple[s
         host = f"[{host}]"
     port = parts.port or 4317
     return f"{parts.scheme}://{host}:{port}", parts.scheme == "http"
+
+
+def _insecure(environ: Mapping[str, str]) -> bool | None:
+    """``INSECURE`` as a boolean; None when unset. Anything but true/false is an error."""
+    setting = env_setting(environ, "INSECURE")
+    if setting is None:
+        return None
+    value = setting[1].lower()
+    if value not in ("true", "false"):
+        raise ExporterConfigError(f"{setting[0]}={setting[1]!r}: expected true or false")
+    return value == "true"
 
 
 def _parse_headers(var: str, text: str) -> tuple[tuple[str, str], ...]:
@@ -169,7 +200,7 @@ def resolve_config(
     elif kind == "otlp-http":
         protocol = "http/protobuf"
     elif kind == "otlp":
-        setting = _setting(env, "PROTOCOL")
+        setting = env_setting(env, "PROTOCOL")
         value = setting[1].lower() if setting else "http/protobuf"
         if value == "grpc":
             protocol = "grpc"
@@ -188,7 +219,7 @@ def resolve_config(
         if target:
             endpoint, insecure = _grpc_endpoint(target, "--output", env)
         else:
-            setting = _setting(env, "ENDPOINT")
+            setting = env_setting(env, "ENDPOINT")
             var, url = setting if setting else ("default endpoint", _GRPC_DEFAULT)
             endpoint, insecure = _grpc_endpoint(url, var, env)
     else:
@@ -203,12 +234,13 @@ def resolve_config(
             endpoint, source = _HTTP_DEFAULT_BASE + _HTTP_PATH, "default endpoint"
         _check_url(endpoint, source)
 
+    _insecure(env)  # checked even where no endpoint needs it: a typo must not wait
     headers: tuple[tuple[str, str], ...] = ()
-    if setting := _setting(env, "HEADERS"):
+    if setting := env_setting(env, "HEADERS"):
         headers = _parse_headers(*setting)
 
     timeout = DEFAULT_TIMEOUT
-    if setting := _setting(env, "TIMEOUT"):
+    if setting := env_setting(env, "TIMEOUT"):
         try:
             timeout = float(setting[1]) / 1000.0
         except ValueError:
@@ -219,7 +251,7 @@ def resolve_config(
             )
 
     compression: Literal["none", "gzip"] = "none"
-    if setting := _setting(env, "COMPRESSION"):
+    if setting := env_setting(env, "COMPRESSION"):
         value = setting[1].lower()
         if value == "gzip":
             compression = "gzip"
@@ -228,7 +260,7 @@ def resolve_config(
 
     files: dict[str, str | None] = {}
     for name in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE"):
-        setting = _setting(env, name)
+        setting = env_setting(env, name)
         if setting is not None and not os.access(setting[1], os.R_OK):
             raise ExporterConfigError(f"{setting[0]}={setting[1]!r}: not a readable file")
         files[name] = setting[1] if setting else None
@@ -249,3 +281,25 @@ def resolve_config(
         client_key_file=files["CLIENT_KEY"],
         client_certificate_file=files["CLIENT_CERTIFICATE"],
     )
+
+
+def grpc_host_config(host: str, port: int, environ: Mapping[str, str] | None = None) -> OtlpConfig:
+    """OTLP/gRPC to ``host:port`` written without a scheme (the agent's Redis key
+    ``clovisor_jaeger_server`` and ``--jaeger``), completed from the
+    ``OTEL_EXPORTER_OTLP_*`` variables like any other endpoint (headers,
+    timeout, compression, certificate files).
+
+    Plaintext unless TLS is asked for, as the original Clovisor and Jaeger's
+    own port 4317 have it: TLS with ``INSECURE=false``, or when a
+    ``CERTIFICATE`` or ``CLIENT_CERTIFICATE`` is given (``INSECURE=true``
+    keeps plaintext even then). Raises :class:`ExporterConfigError` naming a
+    bad variable.
+    """
+    env = os.environ if environ is None else environ
+    insecure = _insecure(env)
+    if insecure is None:
+        tls = any(env_setting(env, name) for name in ("CERTIFICATE", "CLIENT_CERTIFICATE"))
+    else:
+        tls = not insecure
+    bracketed = f"[{host}]" if ":" in host else host
+    return resolve_config("otlp-grpc", f"{'https' if tls else 'http'}://{bracketed}:{port}", env)

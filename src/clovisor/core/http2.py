@@ -234,10 +234,12 @@ class Http2Streams:
             if not event.ack:
                 (self._server if is_req else self._client).announce(event)
         elif isinstance(event, GoAway):
-            if not is_req and event.last_stream_id is not None:
-                self._goaway = event.last_stream_id
+            last = event.last_stream_id
+            # Only a lower last id ends streams: a repeated GOAWAY costs nothing.
+            if not is_req and last is not None and (self._goaway is None or last < self._goaway):
+                self._goaway = last
                 for stream in list(self._streams.values()):
-                    if stream.stream_id > event.last_stream_id:
+                    if stream.stream_id > last:
                         self._emit(stream, event.ts_ns, Outcome.CLOSED)
         elif isinstance(event, FramingLost):
             self.framing_lost += 1

@@ -132,6 +132,7 @@ class Stats:
     __slots__ = (
         "budget",
         "dropped_requests",
+        "encrypted",
         "lost_responses",
         "parse_errors",
         "unpaired_responses",
@@ -143,6 +144,7 @@ class Stats:
         self.unpaired_responses = 0  # responses to requests we never saw
         self.dropped_requests = 0  # pending requests beyond the per-connection limit
         self.lost_responses = 0  # requests whose response the tracer lost (ring full)
+        self.encrypted = 0  # connections that began with a TLS ClientHello (not parse errors)
 
 
 _SYN_FIN_RST = SYN | FIN | RST

@@ -65,6 +65,7 @@ class Trigger(_FastHash):
     GAP = enum.auto()
     LOST = enum.auto()  # lost bytes (a full ring) inside a chunked body
     NO_BODY = enum.auto()  # an announced body that was the next message (a HEAD's answer)
+    NEXT_START = enum.auto()  # chunk framing lost, and the next message visibly starts
     UPGRADED = enum.auto()
 
 
@@ -100,6 +101,9 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (S.CHUNK_TRAILER, T.GAP): S.CHUNK_SCAN,
     (S.CHUNK_SCAN, T.BODY_DONE): S.IDLE,
     (S.CHUNK_SCAN, T.GAP): S.CHUNK_SCAN,
+    # Without a visible last-chunk marker (trailers, or the marker not at the
+    # end of its segment), the body ends where the next message visibly starts.
+    (S.CHUNK_SCAN, T.NEXT_START): S.IDLE,
     # Where a chunked body ends cannot be known across lost bytes: it ends
     # at the next visible message start.
     (S.CHUNK_SIZE, T.LOST): S.BODY_UNKNOWN,
@@ -373,6 +377,12 @@ class Framer:
         if self._state is State.BODY_UNKNOWN and self.in_message:
             self._end(self._last_ts, None)
             self._state = State.SEEK
+            return True
+        if self._state is State.CHUNK_SCAN:
+            # No marker seen, but nothing follows: every byte to the FIN was the body.
+            self._window = b""
+            self._end(self._last_ts, self.message_bytes - self._body_start)
+            self._state = State.IDLE
             return True
         return False
 
@@ -675,6 +685,12 @@ class Framer:
         self._scan(chunk)
 
     def _chunk_scan(self, chunk: Chunk) -> Chunk | None:
+        if chunk.packets and self._looks_like_start(chunk.data, strict=True):
+            # A segment that starts the next message: the body was every byte before it.
+            self._window = b""
+            self._fire(Trigger.NEXT_START)
+            self._end(self._last_ts, self.message_bytes - self._body_start)
+            return chunk
         self._account(chunk.length, chunk.ts_ns)
         self._scan(chunk)
         return None

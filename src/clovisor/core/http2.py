@@ -52,6 +52,7 @@ from .h2frames import (
 from .http1 import RECORDED_HEADERS
 from .reassembly import Chunk, ReassemblyLimits
 from .sessions import Connection, Endpoints, Stats
+from .tls import TlsSession, looks_like_tls
 
 _PSEUDO = frozenset({b":method", b":path", b":authority", b":status"})
 _GRPC = frozenset({b"grpc-status", b"grpc-message"})
@@ -142,13 +143,15 @@ class Http2Streams:
         out: list[Session],
         *,
         synced: bool,
+        server_synced: bool | None = None,
         preface: bool = True,
         grpc: bool = False,
         max_streams: int = 256,
         max_header_bytes: int = 65536,
     ) -> None:
         """``synced``: both directions are read from their first frame (``preface``:
-        the client's starts with the connection preface). ``grpc``: the port is
+        the client's starts with the connection preface); ``server_synced``, when
+        given, says so for the server's direction alone. ``grpc``: the port is
         declared gRPC, so a stream whose content-type could not be decoded is
         taken to be gRPC too."""
         self._endpoints = endpoints
@@ -161,8 +164,8 @@ class Http2Streams:
             budget=budget,
         )  # fmt: skip
         self._server = FrameReader(
-            client=False, synced=synced, wanted=WANTED, max_block_bytes=max_header_bytes,
-            budget=budget,
+            client=False, synced=synced if server_synced is None else server_synced,
+            wanted=WANTED, max_block_bytes=max_header_bytes, budget=budget,
         )  # fmt: skip
         self._streams: dict[int, _Stream] = {}
         self._dropped: set[int] = set()  # streams over the limit (bounded like _streams)
@@ -456,9 +459,12 @@ def _recorded(fields: Fields) -> Fields:
 
 
 class Http2Connection(Connection):
-    """A connection on a port declared HTTP/2 (or gRPC): every byte is HTTP/2."""
+    """A connection on a port declared HTTP/2 (or gRPC): every byte is HTTP/2.
 
-    __slots__ = ("streams",)
+    Unless its first bytes are a TLS ClientHello: then it is one TLS session.
+    """
+
+    __slots__ = ("_synced", "streams", "tls")
 
     def __init__(
         self,
@@ -473,23 +479,36 @@ class Http2Connection(Connection):
         max_header_bytes: int = 65536,
     ) -> None:
         super().__init__(endpoints, limits, stats, out)
+        self._synced = synced
         self.streams = Http2Streams(
             endpoints, stats, out, synced=synced, grpc=grpc, max_streams=max_streams,
             max_header_bytes=max_header_bytes,
         )  # fmt: skip
+        self.tls: TlsSession | None = None
 
     def on_chunk(self, is_req: bool, chunk: Chunk, ack: int) -> None:
-        self.streams.feed(is_req, chunk)
+        if self.tls is not None:
+            self.tls.feed(is_req, chunk)
+        elif is_req and self._synced and chunk.offset == 0 and looks_like_tls(chunk.data):
+            self.stats.encrypted += 1
+            self.tls = TlsSession(self.endpoints, self.out, self.stats.budget)
+            self.tls.feed(is_req, chunk)
+        else:
+            self.streams.feed(is_req, chunk)
 
     def on_fin(self, is_req: bool, ts_ns: int) -> None:
         return None  # streams end with both FINs (on_end), a RST or their own END_STREAM
 
     def on_end(self, outcome: Outcome, ts_ns: int) -> None:
+        if self.tls is not None:
+            self.tls.end(outcome, ts_ns)
         self.streams.end(outcome, ts_ns)
 
     def release(self) -> None:
         super().release()
         self.streams.release()
+        if self.tls is not None:
+            self.tls.release()
 
 
 def http2_connection(

@@ -325,3 +325,36 @@ def test_budget_counts_held_bytes_and_gets_them_back() -> None:
     t.close()
     assert t.stats.buffered_bytes == 0
 
+
+
+def test_server_push_keeps_the_tables_in_step_and_gives_no_session() -> None:
+    p = H2Pair()
+    sid = p.request(get("/index.html"))
+    pushed = p.server.get_next_available_stream_id()
+    p.server.push_stream(sid, pushed, [(":method", "GET"), (":scheme", "http"),
+                                       (":path", "/style.css"), (":authority", "web:8080")])
+    p.server.send_headers(pushed, [(":status", "200"), ("content-type", "text/css")])
+    p.server.send_data(pushed, b"body{}", end_stream=True)
+    p.flush()
+    p.respond(sid, body=b"<html>", headers=[("content-type", "text/html")])
+    p.respond(p.request(get("/next")), body=b"n", headers=[("content-type", "text/css")])
+    c = conv()
+    out, t = run(c.handshake() + p.segments(c) + c.close())
+    assert [s.request.target for s in out if s.request] == ["/index.html", "/next"]
+    # (respond() sends application/grpc first; the last value wins in a dict)
+    assert [dict(s.response.headers)["content-type"] for s in out if s.response] == [
+        "text/html", "text/css"]
+    assert not any("clovisor.http2.headers_incomplete" in attrs(s) for s in out)
+    assert t.stats.unpaired_responses == 0
+
+
+def test_request_trailers_after_an_early_response_open_no_stream() -> None:
+    p = H2Pair()
+    sid = p.request(grpc_request("/up.Load/Stream"), end=False)
+    p.respond(sid, trailers=[("grpc-status", "3")])  # answered before the request ended
+    p.client.send_data(sid, b"\0\0\0\0\0")
+    p.client.send_headers(sid, [("x-checksum", "1")], end_stream=True)
+    p.flush()
+    c = conv()
+    out, _ = run(c.handshake() + p.segments(c) + c.close())
+    assert len(out) == 1 and attrs(out[0])["rpc.grpc.status_code"] == 3

@@ -99,7 +99,8 @@ class Headers:
     ts_ns: int  # its last byte
     wire_bytes: int  # the frames' bytes, headers included
     packets: int
-    promised_stream_id: int = 0  # a PUSH_PROMISE's promised stream
+    push: bool = False  # a PUSH_PROMISE (decoded for the HPACK table; it opens no client stream)
+    promised_stream_id: int = 0  # its promised stream (0 if not captured)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,6 +214,7 @@ class FrameReader:
         "_block_end_stream",
         "_block_packets",
         "_block_promised",
+        "_block_push",
         "_block_short",
         "_block_start",
         "_block_stream",
@@ -289,6 +291,7 @@ class FrameReader:
         self._block_stream = 0
         self._block_end_stream = False
         self._block_promised = 0
+        self._block_push = False
         self._block_start = 0
         self._block_bytes = 0
         self._block_packets = 0
@@ -579,6 +582,7 @@ class FrameReader:
             self._block_stream = self._stream
             self._block_end_stream = bool(flags & END_STREAM)
             self._block_promised = promised
+            self._block_push = ftype == FrameType.PUSH_PROMISE
             self._block_start = self._frame_start
             self._block_bytes = 0
             self._block_packets = 0
@@ -617,7 +621,8 @@ class FrameReader:
                 stream_id=self._block_stream, block=decoded, truncated=not complete,
                 end_stream=self._block_end_stream,
                 start_ns=self._block_start, ts_ns=ts, wire_bytes=self._block_bytes,
-                packets=self._block_packets, promised_stream_id=self._block_promised,
+                packets=self._block_packets, push=self._block_push,
+                promised_stream_id=self._block_promised,
             )
         )  # fmt: skip
 

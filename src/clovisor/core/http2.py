@@ -127,6 +127,7 @@ class Http2Streams:
         "_endpoints",
         "_goaway",
         "_grpc",
+        "_last_client_stream",
         "_max_streams",
         "_out",
         "_server",
@@ -171,6 +172,7 @@ class Http2Streams:
         self._dropped: set[int] = set()  # streams over the limit (bounded like _streams)
         self._max_streams = max_streams
         self._goaway: int | None = None  # the server's last stream id, once it said GOAWAY
+        self._last_client_stream = 0  # client stream ids only grow (RFC 9113, 5.1.1)
         self.bad_frames = 0
         self.framing_lost = 0
 
@@ -195,6 +197,7 @@ class Http2Streams:
     ) -> None:
         """The HTTP/1.1 request that asked for ``Upgrade: h2c``: it is stream 1 (RFC 7540, 3.2)."""
         stream = self._open(1, start_ns)
+        self._last_client_stream = 1
         if stream is None:
             return
         stream.req_fields = self._hold(stream, ((":method", method), (":path", target), *headers))
@@ -262,11 +265,14 @@ class Http2Streams:
 
     def _request_headers(self, event: Headers) -> None:
         sid = event.stream_id
-        if event.promised_stream_id or not sid & 1:
-            return  # server push: decoded for the HPACK table, not a client stream
+        if event.push or not sid & 1:
+            return  # not a client stream
         stream = self._streams.get(sid)
         block = event.block
         if stream is None:
+            if sid <= self._last_client_stream:
+                return  # a stream that ended (its request's trailers), or one we dropped
+            self._last_client_stream = sid
             if self._goaway is not None and sid > self._goaway:
                 return  # the server said it will not process it
             stream = self._open(sid, event.start_ns)
@@ -281,6 +287,8 @@ class Http2Streams:
             stream.req_ended = True
 
     def _response_headers(self, event: Headers) -> None:
+        if event.push:
+            return  # decoded for the HPACK table; pushed responses are not traced
         stream = self._streams.get(event.stream_id)
         if stream is None:
             if event.stream_id & 1 and event.stream_id not in self._dropped:

@@ -233,6 +233,10 @@ class _CutOff(Exception):
 
 def _integer(mv: memoryview, pos: int, prefix_bits: int) -> tuple[int, int]:
     """An HPACK integer at ``pos`` (at most 5 bytes, as ``hpack`` allows) and its length."""
+    mask = (1 << prefix_bits) - 1
+    small = mv[pos] & mask
+    if small != mask:
+        return small, 1  # fits its prefix: most indices and lengths (hpack logs each call)
     try:
         return decode_integer(mv[pos:], prefix_bits)
     except HPACKDecodingError:

@@ -322,6 +322,15 @@ def test_tcp_session() -> None:
     assert attrs_of(sp)["error.type"] == "reset"
 
 
+def test_tls_on_an_http_port_is_a_tls_span() -> None:
+    s = session(request=None, response=None, protocol_name="tls",
+                attributes=(("tls.client.server_name", "api.example.svc"),))  # fmt: skip
+    sp = span(s)
+    a = attrs_of(sp)
+    assert sp.name == "tls" and a["tls.client.server_name"] == "api.example.svc"
+    assert not any(k.startswith(("http.", "url.")) for k in a)
+
+
 def test_response_without_request() -> None:
     # The agent started mid-connection and only saw the response.
     sp = span(session(request=None))

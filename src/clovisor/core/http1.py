@@ -65,7 +65,9 @@ class Trigger(_FastHash):
     GAP = enum.auto()
     LOST = enum.auto()  # lost bytes (a full ring) inside a chunked body
     NO_BODY = enum.auto()  # an announced body that was the next message (a HEAD's answer)
+    NEXT_START = enum.auto()  # chunk framing lost, and the next message visibly starts
     UPGRADED = enum.auto()
+    FOREIGN = enum.auto()  # another protocol's signature, taken by the sink (see MessageSink)
 
 
 S, T = State, Trigger
@@ -100,6 +102,9 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (S.CHUNK_TRAILER, T.GAP): S.CHUNK_SCAN,
     (S.CHUNK_SCAN, T.BODY_DONE): S.IDLE,
     (S.CHUNK_SCAN, T.GAP): S.CHUNK_SCAN,
+    # Without a visible last-chunk marker (trailers, or the marker not at the
+    # end of its segment), the body ends where the next message visibly starts.
+    (S.CHUNK_SCAN, T.NEXT_START): S.IDLE,
     # Where a chunked body ends cannot be known across lost bytes: it ends
     # at the next visible message start.
     (S.CHUNK_SIZE, T.LOST): S.BODY_UNKNOWN,
@@ -118,6 +123,8 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (S.TUNNEL, T.SKIP): S.TUNNEL,
     (S.TUNNEL, T.GAP): S.TUNNEL,
     (S.IDLE, T.UPGRADED): S.TUNNEL,
+    (S.IDLE, T.FOREIGN): S.TUNNEL,
+    (S.HEADERS, T.FOREIGN): S.TUNNEL,
     (S.SEEK, T.UPGRADED): S.TUNNEL,
     (S.BODY_UNKNOWN, T.UPGRADED): S.TUNNEL,
 }
@@ -146,6 +153,7 @@ RECORDED_HEADERS = frozenset(
         "tracestate",
         "uber-trace-id",
         "content-type",
+        "upgrade",  # which protocol a 101 switches to (h2c is then still traced)
     }
 )
 
@@ -218,6 +226,13 @@ class MessageSink(Protocol):
 
     def message_error(self, kind: Kind, reason: str) -> None:
         """Bytes that were not HTTP/1.x (counted, never raised)."""
+
+    def foreign(self, kind: Kind, chunk: Chunk) -> bool:
+        """Bytes at a message boundary that are not HTTP/1.x: True if the sink takes
+        them as another protocol (the framer then hands it every later byte)."""
+
+    def tunnel(self, kind: Kind, chunk: Chunk) -> None:
+        """Bytes after a switch of protocols (101, CONNECT, :meth:`foreign`)."""
 
 
 class Framer:
@@ -374,6 +389,12 @@ class Framer:
             self._end(self._last_ts, None)
             self._state = State.SEEK
             return True
+        if self._state is State.CHUNK_SCAN:
+            # No marker seen, but nothing follows: every byte to the FIN was the body.
+            self._window = b""
+            self._end(self._last_ts, self.message_bytes - self._body_start)
+            self._state = State.IDLE
+            return True
         return False
 
     # -- the machine -------------------------------------------------------------
@@ -403,6 +424,7 @@ class Framer:
             self._account(chunk.length, chunk.ts_ns)
             return None
         self._fire(Trigger.SKIP)  # TUNNEL
+        self._sink.tunnel(self._kind, chunk)
         return None
 
     def _doubted(self, chunk: Chunk) -> Chunk:
@@ -504,6 +526,9 @@ class Framer:
         data = chunk.data
         plausible = self._looks_like_start(data, strict=self._state is not State.IDLE)
         if not plausible:
+            if self._state is State.IDLE and self._sink.foreign(self._kind, chunk):
+                self._fire(Trigger.FOREIGN)
+                return None
             if self._state is State.IDLE:
                 self._sink.message_error(self._kind, "bytes where a message should start")
                 self._fire(Trigger.GARBAGE)
@@ -564,6 +589,11 @@ class Framer:
         self._drop_buf()
         head = parse_head(self._kind, block, truncated=truncated, header_bytes=self.message_bytes)
         if head is None:
+            foreign = Chunk(self.start_offset, len(block), block, b"", self._head_ts, 0)
+            if not truncated and self._sink.foreign(self._kind, foreign):
+                self.in_message = False
+                self._fire(Trigger.FOREIGN)
+                return
             self._invalid("malformed start line or header")
             return
         self._framed(head)
@@ -675,6 +705,12 @@ class Framer:
         self._scan(chunk)
 
     def _chunk_scan(self, chunk: Chunk) -> Chunk | None:
+        if chunk.packets and self._looks_like_start(chunk.data, strict=True):
+            # A segment that starts the next message: the body was every byte before it.
+            self._window = b""
+            self._fire(Trigger.NEXT_START)
+            self._end(self._last_ts, self.message_bytes - self._body_start)
+            return chunk
         self._account(chunk.length, chunk.ts_ns)
         self._scan(chunk)
         return None

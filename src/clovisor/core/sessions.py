@@ -95,6 +95,14 @@ class ConnectionFactory(TypingProtocol):
     ) -> Connection: ...
 
 
+class Switched(TypingProtocol):
+    """What an HTTP/1.x connection switched to (HTTP/2, TLS; see :mod:`switch`)."""
+
+    def feed(self, is_req: bool, chunk: Chunk) -> None: ...
+    def end(self, outcome: Outcome, ts_ns: int) -> None: ...
+    def release(self) -> None: ...
+
+
 class _Pending:
     """A request seen on the wire that has no complete response yet."""
 
@@ -132,6 +140,7 @@ class Stats:
     __slots__ = (
         "budget",
         "dropped_requests",
+        "encrypted",
         "lost_responses",
         "parse_errors",
         "unpaired_responses",
@@ -143,6 +152,7 @@ class Stats:
         self.unpaired_responses = 0  # responses to requests we never saw
         self.dropped_requests = 0  # pending requests beyond the per-connection limit
         self.lost_responses = 0  # requests whose response the tracer lost (ring full)
+        self.encrypted = 0  # connections that began with a TLS ClientHello (not parse errors)
 
 
 _SYN_FIN_RST = SYN | FIN | RST
@@ -305,6 +315,7 @@ class HttpConnection(Connection):
         "_req_framer",
         "_resp_framer",
         "_resync",
+        "_switched",
     )
 
     def __init__(
@@ -341,6 +352,7 @@ class HttpConnection(Connection):
         # A response went unpaired: requests that surface later (from behind
         # a hole) may already have had theirs.
         self._resync = False
+        self._switched: Switched | None = None
 
     def feed(self, seg: Segment) -> None:
         # The common segment: payload, next in order, no SYN/FIN/RST. It skips
@@ -399,6 +411,8 @@ class HttpConnection(Connection):
             request.head.method == "CONNECT" and 200 <= head.status_code < 300
         ):
             self._req_framer.upgraded()
+            if head.status_code == 101:
+                self._upgraded(request, head)
         return request.head.method
 
     def message_end(self, kind: Kind, ts_ns: int, body_size: int | None) -> None:
@@ -432,6 +446,51 @@ class HttpConnection(Connection):
     def message_error(self, kind: Kind, reason: str) -> None:
         self.stats.parse_errors += 1
 
+    # -- protocol switches (see switch.py) --------------------------------------------
+
+    def foreign(self, kind: Kind, chunk: Chunk) -> bool:
+        from . import switch  # (it builds on this module)
+
+        if kind is not Kind.REQUEST:
+            return False
+        if self._switched is None:
+            self._switched = switch.detect(
+                self.endpoints, self.stats, self.out, chunk,
+                server_started=self.resp.position > 0,
+                max_header_bytes=self._req_framer.max_header_bytes,
+            )  # fmt: skip
+            if self._switched is None:
+                return False
+            self._fast = False
+            self._resp_framer.upgraded()
+            return True
+        self._switched.feed(True, chunk)  # the preface after an Upgrade request's body
+        return True
+
+    def tunnel(self, kind: Kind, chunk: Chunk) -> None:
+        if self._switched is not None:
+            self._switched.feed(kind is Kind.REQUEST, chunk)
+
+    def _upgraded(self, request: _Pending, head: Head) -> None:
+        """A 101 to h2c: the request is stream 1 of the HTTP/2 connection that follows."""
+        from . import switch
+
+        if not switch.is_h2c(head.headers) or self._switched is not None:
+            return
+        streams = switch.h2c(
+            self.endpoints, self.stats, self.out,
+            max_header_bytes=self._req_framer.max_header_bytes,
+        )  # fmt: skip
+        self._current = None
+        self._take(request)
+        rh = request.head
+        streams.upgraded(
+            request.start_ts, rh.method, rh.target, rh.headers, request.body_size,
+            max(1, request.packets), request.bytes,
+        )  # fmt: skip
+        self._switched = streams
+        self._fast = False
+
     # -- endings -------------------------------------------------------------------
 
     def on_fin(self, is_req: bool, ts_ns: int) -> None:
@@ -444,6 +503,8 @@ class HttpConnection(Connection):
         super().release()
         self._req_framer.release()
         self._resp_framer.release()
+        if self._switched is not None:
+            self._switched.release()
 
     def on_end(self, outcome: Outcome, ts_ns: int) -> None:
         """Requests still open when the connection ends become error sessions."""
@@ -466,6 +527,8 @@ class HttpConnection(Connection):
             request = self._pending[0]
             self._take(request)
             self._emit(request, None, ts_ns, outcome, None, 0, 0)
+        if self._switched is not None:
+            self._switched.end(outcome, ts_ns)
 
     # -- helpers ---------------------------------------------------------------------
 

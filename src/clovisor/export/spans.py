@@ -391,7 +391,8 @@ def session_to_span(
     is_server = session.role is Role.SERVER
     req = session.request
     resp = session.response
-    is_http = session.protocol == Protocol.HTTP
+    # An HTTP port's connection that turned out to be TLS names its own protocol.
+    is_http = session.protocol == Protocol.HTTP and not session.protocol_name
 
     name = "TCP"
     scheme: str | None = None

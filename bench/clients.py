@@ -27,12 +27,15 @@ class Workload:
         rate = "max" if self.rate is None else f"{self.rate:,}/s"
         return f"{rate} {'keep-alive' if self.keepalive else 'conn/req'}"
 
-    def argv(self, url: str, duration: float) -> list[str]:
+    def argv(self, url: str, duration: float, mix_script: str | None = None) -> list[str]:
+        """The client's command line; ``mix_script`` (wrk only) is :data:`MIX_LUA` on disk."""
         secs = f"{max(1, round(duration))}s"
         if self.rate is None:
             argv = ["wrk", "-t2", f"-c{self.connections}", f"-d{secs}", "--latency"]
             if not self.keepalive:
                 argv += ["-H", "Connection: close"]
+            if mix_script is not None:
+                argv += ["-s", mix_script]
             return [*argv, url]
         # hey's -q is per worker; it ticks each worker at q/s, so the total
         # offered rate is q * c.
@@ -41,6 +44,19 @@ class Workload:
         if not self.keepalive:
             argv.append("-disable-keepalive")
         return [*argv, url]
+
+
+# wrk: every MIX_EVERY-th request asks for a path nginx answers 404, so the
+# unthrottled runs carry two status codes (see nginx.MISSING).
+MIX_EVERY = 10
+MIX_LUA = """\
+local n = 0
+request = function()
+  n = n + 1
+  if n % {every} == 0 then return wrk.format(nil, "{missing}") end
+  return wrk.format(nil, wrk.path)
+end
+"""
 
 
 def fixed(rate: int, keepalive: bool = True) -> Workload:

@@ -11,6 +11,11 @@ PORT = 8080  # traced
 STATUS_PORT = 8081  # nginx stub_status: the server's own request count, never traced
 PATH = "/hello"
 BODY = "hello from nginx\n"
+# The unthrottled workloads ask for this path now and then: a second status
+# code (404) whose count nginx logs, so the RED metrics can be checked per
+# status. Only these requests are logged (unbuffered: counted when answered).
+MISSING = "/missing"
+MISSING_LOG = "missing.log"
 
 CONF = """\
 daemon off;
@@ -32,6 +37,7 @@ http {{
     server {{
         listen {port} reuseport backlog=4096;
         location = {path} {{ default_type text/plain; return 200 "{body}"; }}
+        location = {missing} {{ access_log {d}/{missing_log}; return 404; }}
     }}
     server {{
         listen {status_port};
@@ -46,8 +52,18 @@ def write_conf(d: Path) -> Path:
     (d / "tmp").mkdir(parents=True, exist_ok=True)
     conf = d / "nginx.conf"
     body = BODY.replace("\n", "\\n")
-    conf.write_text(CONF.format(d=d, port=PORT, status_port=STATUS_PORT, path=PATH, body=body))
+    conf.write_text(CONF.format(d=d, port=PORT, status_port=STATUS_PORT, path=PATH, body=body,
+                                missing=MISSING, missing_log=MISSING_LOG))
     return conf
+
+
+def missing_served(d: Path) -> int:
+    """How many requests for :data:`MISSING` nginx has answered (404) so far."""
+    log = d / MISSING_LOG
+    if not log.exists():
+        return 0
+    with log.open("rb") as f:
+        return sum(1 for _ in f)
 
 
 def argv(conf: Path) -> list[str]:

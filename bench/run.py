@@ -12,6 +12,17 @@ connection per request, wrk unthrottled) the same traffic runs three times:
   -e http.response.code`` in the node namespace, counting the responses it
   decoded.
 
+``--variant NAME=VAR=VALUE[,VAR=VALUE...]`` adds a scenario ``clovisor:NAME``:
+the tracer with those environment variables (``CLOVISOR_PURE_PYTHON=1``, the
+interpreted build). ``--variant NAME=@REV`` runs a git revision of this
+repository instead (checked out in a temporary worktree, its eBPF object
+built there, pure Python). Each lever's before and after is then measured in
+one run, on the same machine state.
+
+The unthrottled (wrk) workloads ask for a 404 path every tenth request; the
+tracer's RED metrics (``--metrics``, scraped after each run) must count what
+nginx answered, per status code.
+
 It prints a table and the targets with a verdict each, writes
 ``bench/results/<timestamp>.json`` and a PNG plot, and after a full run
 ``bench/results/latest.{png,md}``.  ``--smoke`` is a few seconds: one low
@@ -43,7 +54,7 @@ from clovisor.topology import Topology
 from . import nginx, report
 from .clients import Workload, fixed, unthrottled
 from .procstat import loadavg
-from .scenarios import SCENARIOS, BenchError, Env, RunResult, run_client, run_one
+from .scenarios import SCENARIOS, BenchError, Env, RunResult, Variant, run_client, run_one
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOOLS = ("nginx", "hey", "wrk", "tshark", "bpftool", "ip")
@@ -62,13 +73,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="a few seconds: one low rate, untraced + clovisor, no latest.* update")
     p.add_argument("--rates", type=int, nargs="+", default=None,
-                   help="keep-alive offered rates, req/s (default 1000 5000 10000)")
+                   help="keep-alive offered rates, req/s (default 1000 5000 10000 20000)")
     p.add_argument("--close-rates", type=int, nargs="*", default=None,
                    help="connection-per-request offered rates (default 1000)")
     p.add_argument("--no-max", action="store_true", help="skip the unthrottled wrk workloads")
     p.add_argument("--duration", type=float, default=None,
                    help="seconds of traffic per run (default 10, smoke 2)")
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=None)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
+                   help="also run clovisor as NAME: SPEC is VAR=VALUE[,VAR=VALUE...] "
+                        "or @REV (a git revision)")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--no-latest", action="store_true",
                    help="do not update results/latest.{png,md}")
@@ -82,11 +96,42 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.scenarios = args.scenarios or ["untraced", "clovisor"]
         args.no_latest = True
     else:
-        args.rates = args.rates if args.rates is not None else [1000, 5000, 10000]
+        args.rates = args.rates if args.rates is not None else [1000, 5000, 10000, 20000]
         args.close_rates = args.close_rates if args.close_rates is not None else [1000]
         args.duration = args.duration or 10.0
         args.scenarios = args.scenarios or list(SCENARIOS)
     return args
+
+
+def _variant(spec: str, tmp: Path) -> Variant:
+    """Parse ``NAME=VAR=VALUE,...`` or ``NAME=@REV`` (preparing REV's tree under ``tmp``)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name.isidentifier() or not rest:
+        raise BenchError(f"--variant {spec!r}: expected NAME=VAR=VALUE[,...] or NAME=@REV")
+    if rest.startswith("@"):
+        repo = Path(__file__).resolve().parent.parent
+        tree = tmp / f"rev-{name}"
+        for argv in (["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), rest[1:]],
+                     ["make", "-C", str(tree), "bpf"]):
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise BenchError(f"--variant {spec!r}: {' '.join(argv)}: {proc.stderr.strip()}")
+        return Variant(name, (("CLOVISOR_PURE_PYTHON", "1"),), tree / "src")
+    pairs = []
+    for item in rest.split(","):
+        var, eq, value = item.partition("=")
+        if not eq or not var:
+            raise BenchError(f"--variant {spec!r}: {item!r} is not VAR=VALUE")
+        pairs.append((var, value))
+    return Variant(name, tuple(pairs))
+
+
+def _drop_trees(variants: Sequence[Variant]) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    for v in variants:
+        if v.source is not None:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force",
+                            str(v.source.parent)], capture_output=True, check=False)
 
 
 def _preflight(scenarios: Sequence[str]) -> None:
@@ -108,34 +153,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     wls = workloads(args.rates, args.close_rates, not args.no_max)
     started = dt.datetime.now(dt.UTC)
     load_start = loadavg()
-    runs: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="clvbench-") as tmpdir, \
             Topology(prefix="clvb", pods=("web", "client")) as topo:
         tmp = Path(tmpdir)
-        conf = nginx.write_conf(tmp / "nginx")
-        web, client = topo.pods["web"], topo.pods["client"]
-        topo.spawn(web.netns, nginx.argv(conf), stdout=subprocess.DEVNULL,
-                   stderr=(tmp / "nginx" / "stderr.log").open("wb"))
+        variants: list[Variant] = []
         try:
-            topo.wait_for_port(client.netns, web.ipv4, nginx.PORT, timeout=10)
-            topo.wait_for_port(topo.node_ns, web.ipv4, nginx.STATUS_PORT, timeout=10)
-        except TimeoutError:
-            log = tmp / "nginx" / "error.log"
-            raise BenchError("nginx did not start: "
-                             + (log.read_text() if log.exists() else "(no log)")) from None
-        env = Env(topo, web, client, tmp, args.duration)
-        if not args.smoke:  # warm up nginx, the client and the page cache
-            run_client(Env(topo, web, client, tmp, 1.0), unthrottled())
-        for w in wls:
-            for scen in args.scenarios:
-                t0 = time.monotonic()
-                r = run_one(env, w, scen)
-                runs.append(r)
-                comp = f"{100 * r.completeness:.2f} %" if r.completeness is not None else "-"
-                cpu = f"{r.cpu_us_per_req:.1f} µs/req" if r.cpu_us_per_req is not None else "-"
-                print(f"bench: {w.label:>20} {scen:>9}: {r.requests:,} requests "
-                      f"({r.achieved_rps:,.0f}/s), traced {r.traced}, completeness {comp}, "
-                      f"CPU {cpu} [{time.monotonic() - t0:.1f}s]", file=sys.stderr, flush=True)
+            for spec in args.variant:
+                variants.append(_variant(spec, tmp))
+            runs = _bench_in(args, wls, topo, tmp, tuple(variants))
+        finally:
+            _drop_trees(variants)
     run_dicts = [r.as_dict() for r in runs]
     return {
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -144,10 +171,43 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "machine": report.machine(),
         "loadavg_start": load_start,
         "workloads": [asdict(w) | {"label": w.label, "tool": w.tool} for w in wls],
-        "scenarios": list(args.scenarios),
+        "scenarios": [*args.scenarios, *(v.scenario for v in variants)],
+        "variants": {v.scenario: {"env": dict(v.env), "revision": next(
+            (s.partition("=@")[2] for s in args.variant if s.startswith(v.name + "=@")), None)}
+            for v in variants},
         "runs": run_dicts,
         "targets": [asdict(t) for t in report.evaluate(run_dicts)],
     }
+
+
+def _bench_in(args: argparse.Namespace, wls: Sequence[Workload], topo: Topology, tmp: Path,
+              variants: tuple[Variant, ...]) -> list[RunResult]:
+    runs: list[RunResult] = []
+    conf = nginx.write_conf(tmp / "nginx")
+    web, client = topo.pods["web"], topo.pods["client"]
+    topo.spawn(web.netns, nginx.argv(conf), stdout=subprocess.DEVNULL,
+               stderr=(tmp / "nginx" / "stderr.log").open("wb"))
+    try:
+        topo.wait_for_port(client.netns, web.ipv4, nginx.PORT, timeout=10)
+        topo.wait_for_port(topo.node_ns, web.ipv4, nginx.STATUS_PORT, timeout=10)
+    except TimeoutError:
+        log = tmp / "nginx" / "error.log"
+        raise BenchError("nginx did not start: "
+                         + (log.read_text() if log.exists() else "(no log)")) from None
+    env = Env(topo, web, client, tmp, args.duration, tmp / "nginx", variants)
+    if not args.smoke:  # warm up nginx, the client and the page cache
+        run_client(Env(topo, web, client, tmp, 1.0), unthrottled())
+    for w in wls:
+        for scen in [*args.scenarios, *(v.scenario for v in variants)]:
+            t0 = time.monotonic()
+            r = run_one(env, w, scen)
+            runs.append(r)
+            comp = f"{100 * r.completeness:.2f} %" if r.completeness is not None else "-"
+            cpu = f"{r.cpu_us_per_req:.1f} µs/req" if r.cpu_us_per_req is not None else "-"
+            print(f"bench: {w.label:>20} {scen:>9}: {r.requests:,} requests "
+                  f"({r.achieved_rps:,.0f}/s), traced {r.traced}, completeness {comp}, "
+                  f"CPU {cpu} [{time.monotonic() - t0:.1f}s]", file=sys.stderr, flush=True)
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:

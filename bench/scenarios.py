@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clovisor.topology import Pod, Topology
+from prometheus_client.parser import text_string_to_metric_families
+
+from clovisor.topology import Pod, Topology, http_get
 
 from . import nginx
-from .clients import ClientResult, Workload, parse
+from .clients import MIX_EVERY, MIX_LUA, ClientResult, Workload, parse
 from .procstat import (
     TreeSample,
     bpf_stats_enabled,
@@ -36,6 +38,7 @@ from .procstat import (
 )
 
 SCENARIOS = ("untraced", "clovisor", "tshark")
+METRICS_PORT = 9464  # clovisor trace --metrics, in the node namespace
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
 SETTLE_CAP = 30.0
@@ -46,8 +49,29 @@ TOTALS_RE = re.compile(
 )
 
 
+SHED_RE = re.compile(r"spans shed (\d+)")
+
+
 class BenchError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A clovisor scenario run differently, for a lever's before/after in one run.
+
+    ``env`` is added to the tracer's environment (``CLOVISOR_PURE_PYTHON=1``:
+    the interpreted build); ``source`` is another checkout's ``src`` directory
+    (an older revision, prepared by ``bench.run``), put first on PYTHONPATH.
+    """
+
+    name: str
+    env: tuple[tuple[str, str], ...] = ()
+    source: Path | None = None
+
+    @property
+    def scenario(self) -> str:
+        return f"clovisor:{self.name}"
 
 
 @dataclass
@@ -59,6 +83,8 @@ class Env:
     client: Pod
     tmp: Path
     duration: float
+    nginx_dir: Path | None = None
+    variants: tuple[Variant, ...] = ()
 
     @property
     def url(self) -> str:
@@ -66,6 +92,18 @@ class Env:
 
     def server_requests(self) -> int:
         return nginx.handled_requests(self.topo.node_ns, self.server.ipv4)
+
+    def served_missing(self) -> int:
+        return nginx.missing_served(self.nginx_dir) if self.nginx_dir is not None else 0
+
+    def mix_script(self) -> str:
+        path = self.tmp / "mix.lua"
+        if not path.exists():
+            path.write_text(MIX_LUA.format(every=MIX_EVERY, missing=nginx.MISSING))
+        return str(path)
+
+    def variant(self, scenario: str) -> Variant | None:
+        return next((v for v in self.variants if v.scenario == scenario), None)
 
 
 @dataclass
@@ -87,6 +125,7 @@ class RunResult:
     latency_resolution_ms: float
     # server side (nginx stub_status), the exact number of exchanges on the wire
     server_requests: int
+    server_404: int = 0  # of which nginx answered 404 (its log of nginx.MISSING)
     # tracer side (None for untraced)
     traced: int | None = None  # clovisor: sessions emitted; tshark: responses decoded
     completeness: float | None = None  # traced / requests (client)
@@ -106,6 +145,11 @@ class RunResult:
     kernel_runs: int | None = None
     kernel_runs_per_req: float | None = None
     output_bytes: int | None = None
+    # clovisor's /metrics after the run: RED request counts by status code
+    # ("" = no response seen) and its own counters (clovisor_*_total)
+    red_by_status: dict[str, int] | None = None
+    tracer_counters: dict[str, float] | None = None
+    spans_shed: int | None = None  # from the totals line
     tracer_pids: tuple[int, ...] = ()
     # the whole machine while the client ran: other tenants show up here
     machine_busy_cores: float | None = None
@@ -194,7 +238,9 @@ class Tracer:
 class ClovisorTracer(Tracer):
     name = "clovisor"
 
-    def __init__(self, env: Env, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, env: Env, extra: tuple[str, ...] = (), variant: Variant | None = None
+    ) -> None:
         super().__init__(env)
         self.err = env.tmp / "clovisor.stderr"
         self.out = env.tmp / "spans.jsonl"
@@ -203,12 +249,37 @@ class ClovisorTracer(Tracer):
         argv = [
             sys.executable, "-m", "clovisor", "trace",
             "--iface", env.server.host_ifname, "--port", str(nginx.PORT),
-            "--output", f"otlp-json:{self.out}", *extra,
+            "--output", f"otlp-json:{self.out}", "--metrics", f"127.0.0.1:{METRICS_PORT}",
+            *extra,
         ]
+        child_env = dict(os.environ)
+        if variant is not None:
+            child_env.update(variant.env)
+            if variant.source is not None:
+                child_env["PYTHONPATH"] = os.pathsep.join(
+                    [str(variant.source), *filter(None, [os.environ.get("PYTHONPATH")])]
+                )
         # ip netns exec execs the command: the Popen pid is the tracer itself.
         self.proc = env.topo.spawn(env.topo.node_ns, argv, stdout=subprocess.DEVNULL,
-                                   stderr=self.err.open("wb"))
+                                   stderr=self.err.open("wb"), env=child_env)
         _wait_for_line(self.proc, self.err, "tracing", "clovisor trace")
+
+    def scrape(self, result: RunResult) -> None:
+        """The RED request counts by status and the tracer's counters, from /metrics."""
+        status, body = http_get(self.env.topo.node_ns, "127.0.0.1", METRICS_PORT, "/metrics")
+        if status != 200:
+            return
+        red: dict[str, int] = {}
+        counters: dict[str, float] = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == "http_server_request_duration_seconds_count":
+                    code = sample.labels.get("http_response_status_code", "")
+                    red[code] = red.get(code, 0) + int(sample.value)
+                elif sample.name.startswith("clovisor_") and sample.name.endswith("_total"):
+                    counters[sample.name] = counters.get(sample.name, 0.0) + sample.value
+        result.red_by_status = red
+        result.tracer_counters = counters
 
     def kernel(self, result: RunResult) -> None:
         stats = prog_stats(self.pid)
@@ -229,6 +300,9 @@ class ClovisorTracer(Tracer):
                              f"without a totals line:\n{err[-3000:]}")
         totals = {k: int(v) for k, v in m.groupdict().items()}
         result.traced = totals["sessions"]
+        shed = SHED_RE.search(err)
+        if shed is not None:
+            result.spans_shed = int(shed.group(1))
         result.events_lost = totals["events_lost"]
         result.parse_errors = totals["parse_errors"]
         result.segments = totals["segments"]
@@ -299,7 +373,8 @@ def _maybe_bpf_stats(on: bool) -> Iterator[None]:
 
 
 def run_client(env: Env, workload: Workload) -> tuple[ClientResult, float]:
-    argv = workload.argv(env.url, env.duration)
+    mix = env.mix_script() if workload.rate is None else None
+    argv = workload.argv(env.url, env.duration, mix)
     t0 = time.monotonic()
     proc = env.topo.run(env.client.netns, argv, check=False, timeout=env.duration + 120)
     wall = time.monotonic() - t0
@@ -310,17 +385,20 @@ def run_client(env: Env, workload: Workload) -> tuple[ClientResult, float]:
 
 def run_one(env: Env, workload: Workload, scenario: str) -> RunResult:
     """Run ``workload`` once under ``scenario``; every process started here is stopped."""
-    if scenario not in SCENARIOS:
+    variant = env.variant(scenario)
+    if scenario not in SCENARIOS and variant is None:
         raise ValueError(scenario)
-    with _maybe_bpf_stats(scenario == "clovisor"):
+    clovisor = scenario == "clovisor" or variant is not None
+    with _maybe_bpf_stats(clovisor):
         tracer: Tracer | None = None
         try:
-            if scenario == "clovisor":
-                tracer = ClovisorTracer(env)
+            if clovisor:
+                tracer = ClovisorTracer(env, variant=variant)
             elif scenario == "tshark":
                 tracer = TsharkTracer(env)
             before_cpu = tracer.sample().cpu_s if tracer else 0.0
             before_req = env.server_requests()
+            before_404 = env.served_missing()
             load = loadavg()
             jiffies = cpu_jiffies()
             client, wall = run_client(env, workload)
@@ -339,10 +417,13 @@ def run_one(env: Env, workload: Workload, scenario: str) -> RunResult:
                 latency_resolution_ms=client.latency_resolution_ms,
                 # stub_status counts its own request in each answer
                 server_requests=after_req - before_req - 1,
+                server_404=env.served_missing() - before_404,
                 machine_busy_cores=busy, loadavg_before=load,
             )
             if tracer is not None and after is not None:
                 tracer.kernel(result)
+                if isinstance(tracer, ClovisorTracer):
+                    tracer.scrape(result)
                 usage = tracer.stop(result)
                 # CPU until the tracer went quiet; if it never did (a backlog
                 # past SETTLE_CAP), its lifetime CPU from wait4 (which covers

@@ -700,7 +700,10 @@ static __always_inline void handover(struct clv_conn *c, struct clv_scratch *s, 
 	struct clv_segment *seg;
 	__u8 phase = c->phase, synced = CLV_SYNC_REQUEST;
 	__u32 req_at = phase == CLV_PHASE_IDLE ? c->req_next : c->ex.req_seq, resp_at = 0;
+	/* read before the first header is written over the exchange header */
 	__u64 rl = c->ex.req_head_len, sl = c->ex.resp_head_len;
+	__u64 req_bytes = c->ex.req_bytes, resp_bytes = c->ex.resp_bytes;
+	__u32 req_packets = c->ex.req_packets, resp_packets = c->ex.resp_packets;
 
 	count(CLV_CNT_HANDOVERS);
 	count(CLV_CNT_HANDOVERS + reason);
@@ -739,8 +742,8 @@ static __always_inline void handover(struct clv_conn *c, struct clv_scratch *s, 
 		    c->req_seg.payload_len, c->req_seg.gso_segs, c->req_seg.tcp_flags,
 		    c->req_seg.hook, rl);
 	output(seg, sizeof(*seg) + rl);
-	held_body(s, c, CLV_DIR_REQUEST, &c->req_seg, c->ex.req_bytes, c->ex.req_packets,
-		  c->req_body_ts, c->req_body_ack);
+	held_body(s, c, CLV_DIR_REQUEST, &c->req_seg, req_bytes, req_packets, c->req_body_ts,
+		  c->req_body_ack);
 	if (phase != CLV_PHASE_RESPONSE)
 		return;
 	seg = (struct clv_segment *)(data + rl - sizeof(*seg));
@@ -748,7 +751,7 @@ static __always_inline void handover(struct clv_conn *c, struct clv_scratch *s, 
 		    c->resp_seg.payload_len, c->resp_seg.gso_segs, c->resp_seg.tcp_flags,
 		    c->resp_seg.hook, sl);
 	output(seg, sizeof(*seg) + sl);
-	held_body(s, c, CLV_DIR_RESPONSE, &c->resp_seg, c->ex.resp_bytes, c->ex.resp_packets,
+	held_body(s, c, CLV_DIR_RESPONSE, &c->resp_seg, resp_bytes, resp_packets,
 		  c->resp_body_ts, c->resp_body_ack);
 }
 

@@ -143,6 +143,9 @@ def _add_tracer_flags(p: argparse.ArgumentParser) -> None:
                         "(default 30)")
     p.add_argument("--attach-mode", choices=("auto", "tcx", "clsact"), default="auto",
                    help="TCX links (kernel >= 6.6) or the clsact fallback (default auto)")
+    p.add_argument("--no-kernel-pairing", action="store_true",
+                   help="send every HTTP segment to user space instead of pairing the "
+                        "exchanges the classifier can frame exactly")
 
 
 def _tracer_settings(args: argparse.Namespace) -> TracerSettings:
@@ -157,6 +160,7 @@ def _tracer_settings(args: argparse.Namespace) -> TracerSettings:
         attach_mode=args.attach_mode,
         limits=Limits(idle_timeout_ns=int(args.idle_timeout * 1e9)),
         redact_all_query=args.redact_query == "all",
+        kernel_pairing=not args.no_kernel_pairing,
     )
 
 

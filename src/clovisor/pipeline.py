@@ -25,14 +25,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 
 from .clock import MonotonicToWall
-from .core.events import Segment, Session
+from .core.events import Outcome, Record, Session
 from .core.tracker import Limits, ParserLookup, Tracker
 from .export import Exporter
 from .export.ids import FastIdGenerator
 from .export.spans import session_to_span
 from .kernel.abi import CLV_WAKEUP_NEVER
 from .kernel.attach import Attachment, attach
-from .kernel.loader import BpfObject
+from .kernel.loader import BpfObject, RedKey, RedValue
 from .kernel.ringbuf import RingReader
 from .specs import EgressSpec, PortSpec, SpecError
 from .stages import Pipe, Stage
@@ -65,6 +65,10 @@ SPANS_IN_FLIGHT = 8192  # spans queued for the exporters, at most
 # request, no change at 5k). Slices keep the exporter's bursts short.
 LINGER_SPANS = 256
 LINGER_NS = 50_000_000
+# Connection entries of the kernel looked at per advance (every 250 ms) for
+# exchanges it holds past the idle timeout: a bounded number of syscalls per
+# pass; the whole table (16,384 entries at most) within 8 s.
+IDLE_SCAN_KEYS = 512
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +81,12 @@ class TracerSettings:
     limits: Limits = field(default_factory=Limits)
     bpf_object: Path | None = None
     redact_all_query: bool = False  # --redact-query all
+    # The classifier pairs the HTTP/1.x exchanges it can frame exactly (one
+    # record per exchange); False: every segment crosses (--no-kernel-pairing).
+    kernel_pairing: bool = True
+    # Exchange records are shed (counted in the kernel's RED map only) while
+    # less ring space than this is free; None: an eighth of the ring.
+    shed_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,11 +112,15 @@ class Totals:
     parse_errors: int
     malformed_records: int
     export_failures: int
+    exchanges: int = 0  # exchanges the kernel paired (their records, and held ones ended)
+    exchanges_shed: int = 0  # exchange records shed in the kernel (counted in its RED map)
 
     def __str__(self) -> str:
         return (
             f"segments seen {self.segments}, events lost {self.events_lost}, "
-            f"sessions emitted {self.sessions}, parse errors {self.parse_errors}"
+            f"sessions emitted {self.sessions}, parse errors {self.parse_errors}, "
+            f"exchanges paired {self.exchanges}"
+            + (f", exchanges shed {self.exchanges_shed}" if self.exchanges_shed else "")
             + (f", malformed records {self.malformed_records}" if self.malformed_records else "")
             + (f", export failures {self.export_failures}" if self.export_failures else "")
         )
@@ -182,6 +196,9 @@ class Tracer:
                 capture_bytes=st.capture_bytes,
                 ring_bytes=st.ring_bytes,
                 wakeup_bytes=CLV_WAKEUP_NEVER,
+                pair_http=st.kernel_pairing,
+                max_connections=st.limits.max_connections,
+                shed_bytes=st.ring_bytes // 8 if st.shed_bytes is None else st.shed_bytes,
             )
             self._reader = RingReader(self._obj, max_records=SLICE_RECORDS)
         except BaseException:
@@ -227,6 +244,8 @@ class Tracer:
             parse_errors=self.tracker.stats.parse_errors,
             malformed_records=self._reader.malformed if self._reader is not None else 0,
             export_failures=self.export_failures,
+            exchanges=self.tracker.stats.exchanges,
+            exchanges_shed=counters.get("shed", 0),
         )
 
     # -- targets ---------------------------------------------------------------------
@@ -345,7 +364,7 @@ class Tracer:
         finally:
             out.close()
 
-    def _track_slice(self, segs: list[Segment], out: Pipe[list[ReadableSpan]]) -> None:
+    def _track_slice(self, segs: list[Record], out: Pipe[list[ReadableSpan]]) -> None:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # the tracker's "now"
         spans: list[ReadableSpan] = []
         if segs or now - self._last_advance >= _ADVANCE_NS:
@@ -385,18 +404,34 @@ class Tracer:
         for i in range(0, len(lingering), SLICE_RECORDS):
             out.put(lingering[i : i + SLICE_RECORDS])
 
-    def _track(self, segs: list[Segment], now_ns: int) -> list[ReadableSpan]:
+    def _track(self, segs: list[Record], now_ns: int) -> list[ReadableSpan]:
         self._beat("tracker")
         tracker = self.tracker
         sessions = tracker.feed_many(segs) if segs else []
         if now_ns - self._last_advance >= _ADVANCE_NS:
             self._last_advance = now_ns
             sessions += tracker.advance(now_ns)
+            obj = self._obj
+            if obj is not None and obj.pair_http:
+                # requests the kernel holds time out like the ones held here
+                idle = self.settings.limits.idle_timeout_ns
+                held = obj.take_idle_exchanges(now_ns, idle, IDLE_SCAN_KEYS)
+                if held:
+                    sessions += tracker.end_held(held, Outcome.TIMEOUT, now_ns)
             self._clock.resample_if_due()
         return self._spans(sessions)
 
     def _flush(self) -> list[ReadableSpan]:
-        return self._spans(self.tracker.close())
+        # The hooks are detached and the ring drained: what the kernel still
+        # holds is all there is.
+        obj = self._obj
+        held = obj.held_exchanges() if obj is not None and obj.pair_http else []
+        return self._spans(self.tracker.close(held))
+
+    def red_metrics(self) -> dict[RedKey, RedValue]:
+        """The kernel's RED series: exchanges whose record never reached user space
+        (lost or shed past capacity); every other exchange is a session here."""
+        return self._obj.red_metrics() if self._obj is not None else {}
 
     def _spans(self, sessions: list[Session]) -> list[ReadableSpan]:
         if not sessions:

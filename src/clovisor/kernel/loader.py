@@ -213,7 +213,7 @@ class BpfObject:
         capture_bytes: int = DEFAULT_CAPTURE_BYTES,
         wakeup_bytes: int = DEFAULT_WAKEUP_BYTES,
         ring_bytes: int = DEFAULT_RING_BYTES,
-        pair_http: bool = False,
+        pair_http: bool = True,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         shed_bytes: int = 0,
     ) -> None:
@@ -664,6 +664,6 @@ class RedKey(NamedTuple):
 class RedValue(NamedTuple):
     """Exchanges of one series whose record never reached user space."""
 
-    count: int
+    exchanges: int
     sum_ns: int
     buckets: tuple[int, ...]  # per OTel bucket (5 ms .. 10 s, then +Inf), not cumulative

@@ -105,6 +105,8 @@ class RunResult:
     kernel_ns_per_run: float | None = None
     kernel_runs: int | None = None
     kernel_runs_per_req: float | None = None
+    # per program (clv_tc_ingress, clv_tc_egress): ns per run, runs per request
+    kernel_by_prog: dict[str, tuple[float, float]] | None = None
     output_bytes: int | None = None
     tracer_pids: tuple[int, ...] = ()
     # the whole machine while the client ran: other tenants show up here
@@ -194,20 +196,23 @@ class Tracer:
 class ClovisorTracer(Tracer):
     name = "clovisor"
 
-    def __init__(self, env: Env, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, env: Env, extra: tuple[str, ...] = (), python: str = sys.executable
+                 ) -> None:
         super().__init__(env)
         self.err = env.tmp / "clovisor.stderr"
         self.out = env.tmp / "spans.jsonl"
         for p in (self.err, self.out):
             p.unlink(missing_ok=True)
         argv = [
-            sys.executable, "-m", "clovisor", "trace",
+            python, "-m", "clovisor", "trace",
             "--iface", env.server.host_ifname, "--port", str(nginx.PORT),
             "--output", f"otlp-json:{self.out}", *extra,
         ]
         # ip netns exec execs the command: the Popen pid is the tracer itself.
+        # (No bytecode written: `python` may be another checkout's.)
         self.proc = env.topo.spawn(env.topo.node_ns, argv, stdout=subprocess.DEVNULL,
-                                   stderr=self.err.open("wb"))
+                                   stderr=self.err.open("wb"),
+                                   env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
         _wait_for_line(self.proc, self.err, "tracing", "clovisor trace")
 
     def kernel(self, result: RunResult) -> None:
@@ -218,6 +223,10 @@ class ClovisorTracer(Tracer):
             result.kernel_ns_per_run = sum(s.run_time_ns for s in stats) / runs
             if result.server_requests:
                 result.kernel_runs_per_req = runs / result.server_requests
+                result.kernel_by_prog = {
+                    s.name: (s.run_time_ns / s.run_cnt, s.run_cnt / result.server_requests)
+                    for s in stats if s.run_cnt
+                }
 
     def stop(self, result: RunResult) -> resource.struct_rusage | None:
         assert self.proc is not None
@@ -308,15 +317,19 @@ def run_client(env: Env, workload: Workload) -> tuple[ClientResult, float]:
     return parse(workload.tool, proc.stdout), wall
 
 
-def run_one(env: Env, workload: Workload, scenario: str) -> RunResult:
-    """Run ``workload`` once under ``scenario``; every process started here is stopped."""
+def run_one(env: Env, workload: Workload, scenario: str, *,
+            clovisor: tuple[str, tuple[str, ...]] = (sys.executable, ())) -> RunResult:
+    """Run ``workload`` once under ``scenario``; every process started here is stopped.
+
+    ``clovisor`` is the Python that runs ``clovisor trace`` and its extra flags.
+    """
     if scenario not in SCENARIOS:
         raise ValueError(scenario)
     with _maybe_bpf_stats(scenario == "clovisor"):
         tracer: Tracer | None = None
         try:
             if scenario == "clovisor":
-                tracer = ClovisorTracer(env)
+                tracer = ClovisorTracer(env, clovisor[1], clovisor[0])
             elif scenario == "tshark":
                 tracer = TsharkTracer(env)
             before_cpu = tracer.sample().cpu_s if tracer else 0.0

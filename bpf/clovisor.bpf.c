@@ -489,8 +489,10 @@ static __always_inline bool output(void *data, __u64 size)
 	return true;
 }
 
-static __always_inline void emit(struct __sk_buff *skb, struct clv_pkt *p,
-				 struct clv_scratch *s, __u8 hook)
+/* A call, not inlined: the paired path reaches it only on its cold branches,
+ * and a compact hot path is what costs least with cold caches. */
+static __noinline void emit(struct __sk_buff *skb, struct clv_pkt *p, struct clv_scratch *s,
+			    __u8 hook)
 {
 	int n;
 
@@ -558,16 +560,17 @@ static __always_inline void conn_key(__u32 ifindex, struct clv_pkt *p, __u8 dir,
 	}
 }
 
-static __always_inline bool same_key(struct clv_conn_key *a, struct clv_conn_key *b)
+/* Is this entry the key's (not an element reused for another connection)? */
+static __always_inline bool same_key(struct clv_exchange *ex, struct clv_conn_key *k)
 {
-	/* 4-byte words: the addresses are 4-aligned, and the stack wants aligned loads */
-	__u32 *x = (__u32 *)a->caddr, *y = (__u32 *)b->caddr;
+	/* 4-byte words: the key's addresses are 4-aligned on the stack */
+	__u32 *x = (__u32 *)ex->caddr, *y = (__u32 *)k->caddr;
 	__u32 diff = 0;
 
 	for (int i = 0; i < 8; i++)
 		diff |= x[i] ^ y[i];
-	return !diff && a->ifindex == b->ifindex && a->role == b->role &&
-	       a->family == b->family && a->cport == b->cport && a->sport == b->sport;
+	return !diff && ex->ifindex == k->ifindex && ex->role == k->role &&
+	       ex->family == k->family && ex->cport == k->cport && ex->sport == k->sport;
 }
 
 /*
@@ -598,18 +601,16 @@ static __always_inline bool conn_unlock(struct clv_conn *c)
 }
 
 /* A new entry, built in the scratch buffer (larger than any value). */
-static __always_inline struct clv_conn *conn_new(struct clv_conn_key *key, struct clv_scratch *s,
-						 __u8 mode, __u8 flags, __u32 req_next,
-						 __u32 resp_next)
+static __noinline struct clv_conn *conn_new(struct clv_conn_key *key, struct clv_scratch *s,
+					    __u8 mode, __u32 req_next)
 {
 	struct clv_conn *t = (struct clv_conn *)s;
 
+	if (!t)
+		return NULL;
 	__builtin_memset(t, 0, sizeof(*t));
 	t->mode = mode;
-	t->flags = flags;
 	t->req_next = req_next;
-	t->resp_next = resp_next;
-	t->key = *key;
 	t->ex.type = CLV_EV_EXCHANGE;
 	t->ex.role = key->role;
 	t->ex.family = key->family;
@@ -637,12 +638,10 @@ static __always_inline void hold_seg(struct clv_held_seg *h, __u64 now, __u32 se
 }
 
 /* A clv_segment header for a held segment of the connection. */
-static __always_inline void held_header(struct clv_segment *h, struct clv_conn *c, __u8 dir,
+static __always_inline void held_header(struct clv_segment *h, struct clv_conn_key *k, __u8 dir,
 					__u64 ts, __u32 seq, __u32 ack, __u32 len, __u16 gso,
 					__u8 flags, __u8 hook, __u16 cap)
 {
-	struct clv_conn_key *k = &c->key;
-
 	h->type = CLV_EV_SEGMENT;
 	h->dir = dir;
 	h->role = k->role;
@@ -673,13 +672,13 @@ static __always_inline void held_header(struct clv_segment *h, struct clv_conn *
 
 /* Body bytes counted after a head segment: one record with no payload
  * bytes (user space counts by sequence number). */
-static __always_inline void held_body(struct clv_scratch *s, struct clv_conn *c, __u8 dir,
+static __always_inline void held_body(struct clv_scratch *s, struct clv_conn_key *k, __u8 dir,
 				      struct clv_held_seg *head, __u64 bytes, __u32 packets,
 				      __u64 ts, __u32 ack)
 {
 	if (bytes <= head->payload_len)
 		return;
-	held_header(&s->hdr, c, dir, ts, head->seq + head->payload_len, ack,
+	held_header(&s->hdr, k, dir, ts, head->seq + head->payload_len, ack,
 		    bytes - head->payload_len, packets - head->gso_segs, CLV_TCP_ACK, head->hook, 0);
 	output(&s->hdr, sizeof(s->hdr));
 }
@@ -692,8 +691,8 @@ static __always_inline void held_body(struct clv_scratch *s, struct clv_conn *c,
  * sent), so that header and bytes go out with one bpf_ringbuf_output.
  * The caller emits the current segment next and sets the mode.
  */
-static __always_inline void handover(struct clv_conn *c, struct clv_scratch *s, __u8 reason,
-				     __u64 now)
+static __noinline void handover(struct clv_conn *c, struct clv_scratch *s, struct clv_conn_key *k,
+				__u8 reason, __u64 now)
 {
 	struct clv_handover *h;
 	__u8 *data = held_data(c);
@@ -705,6 +704,8 @@ static __always_inline void handover(struct clv_conn *c, struct clv_scratch *s, 
 	__u64 req_bytes = c->ex.req_bytes, resp_bytes = c->ex.resp_bytes;
 	__u32 req_packets = c->ex.req_packets, resp_packets = c->ex.resp_packets;
 
+	if (!c || !s || reason >= CLV_HO__MAX)
+		return;
 	count(CLV_CNT_HANDOVERS);
 	count(CLV_CNT_HANDOVERS + reason);
 	if (c->flags & CLV_CONN_RESP_KNOWN) {
@@ -714,20 +715,20 @@ static __always_inline void handover(struct clv_conn *c, struct clv_scratch *s, 
 	h = bpf_ringbuf_reserve(&events, sizeof(*h), 0);
 	if (h) {
 		h->type = CLV_EV_HANDOVER;
-		h->role = c->key.role;
-		h->family = c->key.family;
+		h->role = k->role;
+		h->family = k->family;
 		h->reason = reason;
 		h->synced = synced;
 		h->pad = 0;
-		h->cport = c->key.cport;
-		h->sport = c->key.sport;
+		h->cport = k->cport;
+		h->sport = k->sport;
 		h->pad2 = 0;
-		h->ifindex = c->key.ifindex;
+		h->ifindex = k->ifindex;
 		h->req_seq = req_at;
 		h->resp_seq = resp_at;
 		h->ts_ns = now;
-		__builtin_memcpy(h->caddr, c->key.caddr, 16);
-		__builtin_memcpy(h->saddr, c->key.saddr, 16);
+		__builtin_memcpy(h->caddr, k->caddr, 16);
+		__builtin_memcpy(h->saddr, k->saddr, 16);
 		bpf_ringbuf_submit(h, wake_flags(sizeof(*h)));
 		count(CLV_CNT_EVENTS);
 	} else {
@@ -738,20 +739,20 @@ static __always_inline void handover(struct clv_conn *c, struct clv_scratch *s, 
 	if (rl > held_req() || sl > held_resp())
 		return; /* cannot be: the entry is corrupt; user space resyncs */
 	seg = (struct clv_segment *)(data - sizeof(*seg));
-	held_header(seg, c, CLV_DIR_REQUEST, c->req_seg.ts_ns, c->req_seg.seq, c->req_seg.ack,
+	held_header(seg, k, CLV_DIR_REQUEST, c->req_seg.ts_ns, c->req_seg.seq, c->req_seg.ack,
 		    c->req_seg.payload_len, c->req_seg.gso_segs, c->req_seg.tcp_flags,
 		    c->req_seg.hook, rl);
 	output(seg, sizeof(*seg) + rl);
-	held_body(s, c, CLV_DIR_REQUEST, &c->req_seg, req_bytes, req_packets, c->req_body_ts,
+	held_body(s, k, CLV_DIR_REQUEST, &c->req_seg, req_bytes, req_packets, c->req_body_ts,
 		  c->req_body_ack);
 	if (phase != CLV_PHASE_RESPONSE)
 		return;
 	seg = (struct clv_segment *)(data + rl - sizeof(*seg));
-	held_header(seg, c, CLV_DIR_RESPONSE, c->resp_seg.ts_ns, c->resp_seg.seq, c->resp_seg.ack,
+	held_header(seg, k, CLV_DIR_RESPONSE, c->resp_seg.ts_ns, c->resp_seg.seq, c->resp_seg.ack,
 		    c->resp_seg.payload_len, c->resp_seg.gso_segs, c->resp_seg.tcp_flags,
 		    c->resp_seg.hook, sl);
 	output(seg, sizeof(*seg) + sl);
-	held_body(s, c, CLV_DIR_RESPONSE, &c->resp_seg, resp_bytes, resp_packets,
+	held_body(s, k, CLV_DIR_RESPONSE, &c->resp_seg, resp_bytes, resp_packets,
 		  c->resp_body_ts, c->resp_body_ack);
 }
 
@@ -792,7 +793,7 @@ static __always_inline __u32 red_bucket(__u64 d)
 }
 
 /* An exchange user space will not see: counted in `red`. */
-static __always_inline void red_count(struct clv_exchange *ex)
+static __noinline void red_count(struct clv_exchange *ex)
 {
 	struct clv_red_key k = {
 		.ifindex = ex->ifindex,
@@ -952,8 +953,9 @@ static __always_inline int on_response(struct __sk_buff *skb, struct clv_pkt *p,
 			return CLV_IGNORED;
 		if (phase != CLV_PHASE_WAIT)
 			return CLV_HO_EARLY;
-		/* this segment starts the answer: known once its head is taken */
+		/* the answer to a complete request starts here */
 		c->resp_next = seq;
+		c->flags |= CLV_CONN_RESP_KNOWN;
 	}
 	d = seq - c->resp_next;
 	behind = c->resp_next - seq;
@@ -1057,8 +1059,8 @@ static __always_inline void segments(struct __sk_buff *skb, struct clv_pkt *p,
 		bpf_map_delete_elem(&conns, key);
 	} else if ((flags & CLV_TCP_SYN) && dir == CLV_DIR_REQUEST && !(flags & CLV_TCP_ACK) &&
 		   !p->payload_len) {
-		/* a new connection on the same addresses: paired again */
-		conn_new(key, s, CLV_MODE_PAIRED, 0, bpf_ntohl(p->seq) + 1, 0);
+		/* a new connection on the same addresses: unknown again */
+		bpf_map_delete_elem(&conns, key);
 	} else if (flags & CLV_TCP_FIN) {
 		if ((c->flags | fin) == (c->flags | CLV_CONN_FIN_REQ | CLV_CONN_FIN_RESP))
 			bpf_map_delete_elem(&conns, key);
@@ -1067,34 +1069,30 @@ static __always_inline void segments(struct __sk_buff *skb, struct clv_pkt *p,
 	}
 }
 
-/* A segment of a connection `conns` does not know. */
+/*
+ * A segment of a connection `conns` does not know.  Entries are made by the
+ * first payload, not by the SYN: a connection costs no entry (and a SYN
+ * flood evicts nothing) until it carries data.  A segment that starts with
+ * a request method may start a request head: the connection is paired
+ * from there (the caller frames the head, or hands over at it).  Anything
+ * else leaves the connection to user space, from this segment on.
+ */
 static __always_inline struct clv_conn *unknown(struct __sk_buff *skb, struct clv_pkt *p,
 						struct clv_scratch *s, __u8 hook, __u8 dir,
 						__u8 role, struct clv_conn_key *key)
 {
-	__u32 seq = bpf_ntohl(p->seq), ack = bpf_ntohl(p->ack);
 	__u64 first = 0, mlen;
 	int net_off;
 
-	if (!p->payload_len) {
-		/* a SYN starts a paired connection; a bare FIN/RST says nothing */
-		if (!(p->flags & CLV_TCP_SYN))
-			return NULL;
-		if (dir == CLV_DIR_REQUEST)
-			conn_new(key, s, CLV_MODE_PAIRED, 0, seq + 1, 0);
-		else
-			conn_new(key, s, CLV_MODE_PAIRED, CLV_CONN_RESP_KNOWN, ack, seq + 1);
-		return NULL;
-	}
-	/* mid-stream: a segment that starts with a request method may start a
-	 * request head; anything else leaves the connection to user space */
+	if (!p->payload_len)
+		return NULL; /* a SYN, FIN or RST alone: nothing to say yet */
 	if (dir == CLV_DIR_REQUEST && !(p->flags & CLV_TCP_SYN) && p->payload_len >= 18) {
 		net_off = find_net_off(skb, p->l3head);
 		if (!load_l3(skb, net_off, p->payload_off, &first, sizeof(first)) &&
 		    clv_method(first, &mlen) != CLV_METHOD_NONE)
-			return conn_new(key, s, CLV_MODE_PAIRED, 0, seq, 0);
+			return conn_new(key, s, CLV_MODE_PAIRED, bpf_ntohl(p->seq));
 	}
-	conn_new(key, s, CLV_MODE_SEGMENTS, 0, 0, 0);
+	conn_new(key, s, CLV_MODE_SEGMENTS, 0);
 	emit_as(skb, p, s, hook, dir, role);
 	return NULL;
 }
@@ -1143,13 +1141,13 @@ static __always_inline void paired(struct __sk_buff *skb, struct clv_pkt *p,
 		/* a CPU gave up waiting and sent its segment: hand over */
 		if (!conn_lock(c))
 			return;
-		handover(c, s, CLV_HO_CONTENDED, now);
+		handover(c, s, key, CLV_HO_CONTENDED, now);
 		c->mode = CLV_MODE_SEGMENTS;
 		c->phase = CLV_PHASE_IDLE;
 		conn_unlock(c);
 		return;
 	}
-	handover(c, s, rc, now);
+	handover(c, s, key, rc, now);
 	emit_as(skb, p, s, hook, dir, role);
 	c->phase = CLV_PHASE_IDLE;
 	if (flags & CLV_TCP_RST) {
@@ -1188,7 +1186,7 @@ static __always_inline void http(struct __sk_buff *skb, struct clv_pkt *p, struc
 		emit_as(skb, p, s, hook, dir, role);
 		return;
 	}
-	if (c->mode != CLV_MODE_PAIRED || !same_key(&c->key, &key)) {
+	if (c->mode != CLV_MODE_PAIRED || !same_key(&c->ex, &key)) {
 		/* handed over meanwhile, or the element now holds another key */
 		conn_unlock(c);
 		emit_as(skb, p, s, hook, dir, role);

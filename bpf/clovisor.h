@@ -244,9 +244,10 @@ struct clv_conn {
 	__u64 resp_left;
 	struct clv_held_seg req_seg;  /* the request head's segment */
 	struct clv_held_seg resp_seg; /* the response head's segment */
-	struct clv_conn_key key;      /* the entry's own key: a reused element is noticed */
-	__u32 pad3;
-	struct clv_exchange ex;       /* the exchange, as its record will be sent */
+	/* The exchange, as its record will be sent; its addresses and ports are
+	 * also the entry's own key (checked under the lock: an element reused
+	 * for another connection is noticed). */
+	struct clv_exchange ex;
 };
 
 /* RED metrics of the exchanges whose record did not reach user space (ring

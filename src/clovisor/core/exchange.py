@@ -9,8 +9,9 @@ tests feed the same traffic both ways and compare the sessions.
 
 from __future__ import annotations
 
-from .events import Exchange, HttpRequest, HttpResponse, Outcome, Phase, Protocol, Session
+from .events import Exchange, Outcome, Phase, Protocol, Session
 from .http1 import Kind, parse_head
+from .sessions import _build_request, _build_response, _build_session
 
 __all__ = ["exchange_session"]
 
@@ -42,12 +43,8 @@ def exchange_session(
         req_body = req_head.content_length
     else:
         req_body = ex.request_bytes - len(ex.request_head)
-    request = HttpRequest(
-        method=req_head.method,
-        target=req_head.target,
-        version=req_head.version,
-        headers=req_head.headers,
-        body_size=req_body,
+    request = _build_request(
+        req_head.method, req_head.target, req_head.version, req_head.headers, req_body, False
     )
     response = None
     resp_packets = resp_bytes = 0
@@ -57,34 +54,18 @@ def exchange_session(
         )
         if resp_head is None:
             return None
-        response = HttpResponse(
-            status_code=resp_head.status_code,
-            reason=resp_head.reason,
-            version=resp_head.version,
-            headers=resp_head.headers,
-            body_size=(
-                ex.response_bytes - len(ex.response_head) if phase is Phase.COMPLETE else None
-            ),
+        body = ex.response_bytes - len(ex.response_head) if phase is Phase.COMPLETE else None
+        response = _build_response(
+            resp_head.status_code, resp_head.reason, resp_head.version, resp_head.headers, body,
+            False,
         )
         resp_packets = max(1, ex.response_packets)
         resp_bytes = ex.response_bytes
     end = ex.end_ns if end_ns is None else end_ns
-    return Session(
-        role=ex.role,
-        protocol=Protocol.HTTP,
-        ifindex=ex.ifindex,
-        family=ex.family,
-        client_addr=client_addr,
-        client_port=ex.client_port,
-        server_addr=server_addr,
-        server_port=ex.server_port,
-        start_ns=ex.start_ns,
-        end_ns=max(end, ex.start_ns),
-        outcome=outcome,
-        request=request,
-        response=response,
-        request_packets=max(1, ex.request_packets),
-        request_bytes=ex.request_bytes,
-        response_packets=resp_packets,
-        response_bytes=resp_bytes,
+    # the positional builders of sessions.py: one exchange costs three of these
+    session: Session = _build_session(
+        ex.role, Protocol.HTTP, ex.ifindex, ex.family, client_addr, ex.client_port, server_addr,
+        ex.server_port, ex.start_ns, max(end, ex.start_ns), outcome, request, response,
+        max(1, ex.request_packets), ex.request_bytes, resp_packets, resp_bytes, "", (),
     )
+    return session

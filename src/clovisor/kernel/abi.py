@@ -280,8 +280,6 @@ class clv_conn(ctypes.Structure):
         ("resp_left", _u64),
         ("req_seg", clv_held_seg),
         ("resp_seg", clv_held_seg),
-        ("key", clv_conn_key),
-        ("pad3", _u32),
         ("ex", clv_exchange),
     ]
 

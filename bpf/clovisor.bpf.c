@@ -85,15 +85,12 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
-/* HTTP connections (pair_http): key and value sizes without BTF types, so
- * that the loader can size the value for the capture length (clovisor.h,
- * struct clv_conn). */
+/* HTTP connections (pair_http), clovisor.h */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384); /* the loader sets the real size */
-	__uint(key_size, sizeof(struct clv_conn_key));
-	__uint(value_size, sizeof(struct clv_conn) + CLV_REQ_HEAD_MAX + CLV_RESP_HEAD_MAX +
-				   CLV_SCAN_SLACK);
+	__type(key, struct clv_conn_key);
+	__type(value, struct clv_conn);
 } conns SEC(".maps");
 
 struct {
@@ -530,11 +527,6 @@ static __always_inline __u64 held_resp(void)
 	return cap < CLV_RESP_HEAD_MAX ? cap : CLV_RESP_HEAD_MAX;
 }
 
-static __always_inline __u8 *held_data(struct clv_conn *c)
-{
-	return (__u8 *)(c + 1);
-}
-
 /* What a segment does to a paired connection, when it is not a handover
  * (an enum clv_handover_reason, > 0). */
 #define CLV_TAKEN 0    /* the segment is accounted in the held exchange */
@@ -608,7 +600,7 @@ static __noinline struct clv_conn *conn_new(struct clv_conn_key *key, struct clv
 
 	if (!t)
 		return NULL;
-	__builtin_memset(t, 0, sizeof(*t));
+	__builtin_memset(t, 0, __builtin_offsetof(struct clv_conn, data)); /* the held bytes are written before they are read */
 	t->mode = mode;
 	t->req_next = req_next;
 	t->ex.type = CLV_EV_EXCHANGE;
@@ -695,7 +687,7 @@ static __noinline void handover(struct clv_conn *c, struct clv_scratch *s, struc
 				__u8 reason, __u64 now)
 {
 	struct clv_handover *h;
-	__u8 *data = held_data(c);
+	__u8 *data = c->data;
 	struct clv_segment *seg;
 	__u8 phase = c->phase, synced = CLV_SYNC_REQUEST;
 	__u32 req_at = phase == CLV_PHASE_IDLE ? c->req_next : c->ex.req_seq, resp_at = 0;
@@ -853,7 +845,6 @@ static __always_inline int on_request(struct __sk_buff *skb, struct clv_pkt *p,
 	__u64 held = held_req(), n, hl;
 	__s32 d = seq - c->req_next;
 	__u16 gso = gso_of(skb);
-	__u8 *data = held_data(c);
 	struct clv_scan *sc;
 	__s64 cl, extra;
 	int net_off;
@@ -896,19 +887,15 @@ static __always_inline int on_request(struct __sk_buff *skb, struct clv_pkt *p,
 	if (!sc)
 		return CLV_HO_REQUEST;
 	net_off = find_net_off(skb, p->l3head);
-	if (load_l3(skb, net_off, p->payload_off, sc->data, n))
+	if (load_l3(skb, net_off, p->payload_off, c->data, n))
 		return CLV_HO_REQUEST;
-	if (clv_parse_request(sc, n))
+	if (clv_parse_request(c, sc, n, held))
 		return CLV_HO_REQUEST;
 	hl = sc->len;
 	cl = sc->body < 0 ? 0 : sc->body;
 	extra = (__s64)len - (__s64)hl;
 	if (extra > cl)
 		return CLV_HO_PIPELINE; /* bytes beyond the request */
-	/* the head is held in the entry: the same bytes again, straight there */
-	barrier_var(hl);
-	if (hl < 18 || hl > held || load_l3(skb, net_off, p->payload_off, data, hl))
-		return CLV_HO_REQUEST;
 	hold_seg(&c->req_seg, now, seq, ack, len, gso, p->flags, hook);
 	c->req_next = seq + len;
 	c->req_left = cl - extra;
@@ -999,9 +986,9 @@ static __always_inline int on_response(struct __sk_buff *skb, struct clv_pkt *p,
 	if (!sc)
 		return CLV_HO_RESPONSE;
 	net_off = find_net_off(skb, p->l3head);
-	if (load_l3(skb, net_off, p->payload_off, sc->data, n))
+	if (load_l3(skb, net_off, p->payload_off, c->data + rl, n)) /* after the request head */
 		return CLV_HO_RESPONSE;
-	if (clv_parse_response(sc, n))
+	if (clv_parse_response(c, sc, rl, n, held))
 		return CLV_HO_RESPONSE;
 	status = sc->status;
 	cl = sc->body;
@@ -1013,9 +1000,6 @@ static __always_inline int on_response(struct __sk_buff *skb, struct clv_pkt *p,
 	extra = (__s64)len - (__s64)hl;
 	if (extra > cl)
 		return CLV_HO_PIPELINE;
-	barrier_var(hl);
-	if (hl < 16 || hl > held || load_l3(skb, net_off, p->payload_off, held_data(c) + rl, hl))
-		return CLV_HO_RESPONSE;
 	hold_seg(&c->resp_seg, now, seq, ack, len, gso, p->flags, hook);
 	c->flags |= CLV_CONN_RESP_KNOWN;
 	c->resp_next = seq + len;

@@ -208,9 +208,9 @@ struct clv_held_seg {
 };
 
 /* Response head bytes held per connection: a longer head is handed over. */
-#define CLV_RESP_HEAD_MAX 512
+#define CLV_RESP_HEAD_MAX 672
 /* Request head bytes held: min(capture_bytes, this); longer heads hand over. */
-#define CLV_REQ_HEAD_MAX 2048
+#define CLV_REQ_HEAD_MAX 1024
 /* Bytes past the held ones that the head scan may read (never trusted). */
 #define CLV_SCAN_SLACK 32
 /* A Content-Length above this is handed over (a held body is re-sent as one
@@ -222,10 +222,17 @@ struct clv_held_seg {
 #define CLV_CONN_FIN_REQ 0x02    /* SEGMENTS: the client sent FIN */
 #define CLV_CONN_FIN_RESP 0x04   /* SEGMENTS: the server sent FIN */
 
-/* Value of `conns`: the state of one connection.  The held head bytes
- * (request head, then response head) follow it: the loader sets the value
- * size to sizeof(struct clv_conn) + min(capture_bytes, CLV_REQ_HEAD_MAX) +
- * CLV_RESP_HEAD_MAX + CLV_SCAN_SLACK. */
+/* The held head bytes of a connection: the request head, the response head
+ * right after it, and room for the head scan to read past them. */
+#define CLV_HELD_BYTES (CLV_REQ_HEAD_MAX + CLV_RESP_HEAD_MAX + CLV_SCAN_SLACK)
+
+/*
+ * Value of `conns`: the state of one connection and the heads it holds.
+ * 1952 bytes: with the kernel's 48-byte element header and the 48-byte
+ * key, an element is 2048 bytes, so no element straddles two pages.  The
+ * fields a segment always touches come first: they share a cache line with
+ * the end of the key, which the lookup has just read.
+ */
 struct clv_conn {
 	__u64 lock;          /* 0 free, 1 taken (compare-and-swap) */
 	__u8 mode;           /* enum clv_mode */
@@ -235,19 +242,20 @@ struct clv_conn {
 	__u32 req_next;      /* next request byte expected */
 	__u32 resp_next;     /* next response byte expected (CLV_CONN_RESP_KNOWN) */
 	__u32 req_body_ack;  /* ack of the last request body segment */
-	__u32 resp_body_ack;
-	__u32 pad2;
-	__u64 req_body_ts;   /* the last request body segment */
-	__u64 resp_body_ts;
-	__u64 last_ns;       /* the last segment of the connection (idle timeout) */
 	__u64 req_left;      /* request body bytes still to come */
 	__u64 resp_left;
+	__u64 last_ns;       /* the last segment of the connection (idle timeout) */
+	__u64 req_body_ts;   /* the last request body segment */
+	__u64 resp_body_ts;
+	__u32 resp_body_ack;
+	__u32 pad2;
 	struct clv_held_seg req_seg;  /* the request head's segment */
 	struct clv_held_seg resp_seg; /* the response head's segment */
 	/* The exchange, as its record will be sent; its addresses and ports are
 	 * also the entry's own key (checked under the lock: an element reused
 	 * for another connection is noticed). */
 	struct clv_exchange ex;
+	__u8 data[CLV_HELD_BYTES]; /* the record's bytes follow its header */
 };
 
 /* RED metrics of the exchanges whose record did not reach user space (ring

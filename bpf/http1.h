@@ -112,12 +112,12 @@ static __always_inline __u8 clv_method(__u64 w, __u64 *len)
 }
 
 /*
- * A head being parsed: per-CPU, in the `heads` map.  The parsers are global
- * functions, so the verifier checks their loops once, not once per path
- * that reaches them.  Their loops keep what they carry from one turn to the
- * next (a position, what was found so far) in this struct, read and written
- * through volatile accesses: the verifier then sees the same state at every
- * turn and needs to check each turn's body only once.
+ * What a head parse carries and finds: per-CPU, in the `heads` map.  The
+ * parsers' loops keep what they carry from one turn to the next (a
+ * position, what was found so far) here, read and written through volatile
+ * accesses: the verifier then sees the same state at every turn and needs
+ * to check each turn's body only once.  The head itself is parsed where it
+ * is held, in the connection's entry.
  */
 struct clv_scan {
 	__u64 pos;      /* loop state: the offset being read */
@@ -127,14 +127,13 @@ struct clv_scan {
 	__s64 body;     /* result: Content-Length; -1: none */
 	__u32 status;   /* result: responses */
 	__u32 method;   /* result: requests, enum clv_method */
-	__u8 data[CLV_REQ_HEAD_MAX + CLV_SCAN_SLACK];
 };
 
 #define CLV_GET(field) (*(volatile __u64 *)&(field))
 #define CLV_SET(field, v) (*(volatile __u64 *)&(field) = (v))
 
 /*
- * Find the end of the header block in sc->data[0, n): the first CRLFCRLF.
+ * Find the end of the header block in d[0, n): the first CRLFCRLF.
  * On the way, note where the start line ends and where a Content-Length
  * value is.  Lines are split at '\n', as user space splits them.  Returns
  * false (the head is not framed here) for: no end within n, a
@@ -143,10 +142,9 @@ struct clv_scan {
  * `max` (a constant) bounds n; each turn of the loop reads one word or
  * moves to the next line, `max / 4` turns at most.
  */
-static __always_inline bool clv_scan_head(struct clv_scan *sc, __u64 n, __u64 max)
+static __always_inline bool clv_scan_head(const __u8 *d, struct clv_scan *sc, __u64 n,
+					  __u64 max)
 {
-	const __u8 *d = sc->data;
-
 	CLV_SET(sc->pos, 0);
 	CLV_SET(sc->line_end, 0);
 	CLV_SET(sc->cl_at, 0);
@@ -218,9 +216,8 @@ static __always_inline bool clv_ows(__u8 c)
  */
 #define CLV_OWS_MAX 8
 #define CLV_DIGITS_MAX 18
-static __always_inline __s64 clv_content_length(struct clv_scan *sc, __u64 max)
+static __always_inline __s64 clv_content_length(const __u8 *d, struct clv_scan *sc, __u64 max)
 {
-	const __u8 *d = sc->data;
 	__u64 end = sc->len, value = 0, pos;
 	__u8 c;
 
@@ -277,9 +274,9 @@ static __always_inline __u64 clv_low_bytes(__u64 x)
  * space: the target is not empty and has no byte <= 0x20, and the line
  * ends in " HTTP/1.0\r" or " HTTP/1.1\r".
  */
-static __always_inline bool clv_request_line(struct clv_scan *sc, __u64 mlen, __u64 max)
+static __always_inline bool clv_request_line(const __u8 *d, struct clv_scan *sc, __u64 mlen,
+					     __u64 max)
 {
-	const __u8 *d = sc->data;
 	__u64 line_end = CLV_GET(sc->line_end), end, pos, w;
 
 	if (line_end < mlen + 11)
@@ -328,24 +325,30 @@ static __always_inline __u32 clv_status_line(const __u8 *d, __u64 line_end)
 	return (a - '0') * 100 + (b - '0') * 10 + (c - '0');
 }
 
-/* The head of a request in sc->data[0, n): 0 if the classifier frames it
- * (sc->len, sc->method, sc->body set), else CLV_HO_REQUEST. */
-__noinline int clv_parse_request(struct clv_scan *sc, __u64 n)
+/*
+ * The head of a request in c->data[0, n), n <= max (the held request bytes):
+ * 0 if the classifier frames it (sc->len, sc->method, sc->body set), else
+ * CLV_HO_REQUEST.  Global functions: the verifier checks their loops once,
+ * not once per path that reaches them.
+ */
+__noinline int clv_parse_request(struct clv_conn *c, struct clv_scan *sc, __u64 n, __u64 max)
 {
+	const __u8 *d;
 	__u64 mlen = 0;
 	__u8 method;
 
-	if (!sc || n < 18 || n > CLV_REQ_HEAD_MAX)
+	if (!c || !sc || max > CLV_REQ_HEAD_MAX || n < 18 || n > max)
 		return CLV_HO_REQUEST;
-	method = clv_method(clv_load64(sc->data), &mlen);
+	d = c->data;
+	method = clv_method(clv_load64(d), &mlen);
 	if (method == CLV_METHOD_NONE)
 		return CLV_HO_REQUEST;
-	if (!clv_scan_head(sc, n, CLV_REQ_HEAD_MAX) ||
-	    !clv_request_line(sc, mlen, CLV_REQ_HEAD_MAX))
+	if (!clv_scan_head(d, sc, n, CLV_REQ_HEAD_MAX) ||
+	    !clv_request_line(d, sc, mlen, CLV_REQ_HEAD_MAX))
 		return CLV_HO_REQUEST;
 	sc->body = -1;
 	if (CLV_GET(sc->cl_at)) {
-		sc->body = clv_content_length(sc, CLV_REQ_HEAD_MAX);
+		sc->body = clv_content_length(d, sc, CLV_REQ_HEAD_MAX);
 		if (sc->body < 0 || sc->body > CLV_BODY_MAX)
 			return CLV_HO_REQUEST;
 	}
@@ -353,23 +356,27 @@ __noinline int clv_parse_request(struct clv_scan *sc, __u64 n)
 	return 0;
 }
 
-/* The head of a response in sc->data[0, n): 0 if framed (sc->len,
- * sc->status, sc->body set), else CLV_HO_RESPONSE.  1xx (100-continue,
- * 101) and statuses outside 100..599 are not framed here. */
-__noinline int clv_parse_response(struct clv_scan *sc, __u64 n)
+/* The head of a response in c->data[at, at + n), at <= CLV_REQ_HEAD_MAX (it
+ * follows the request head), n <= max (the held response bytes): 0 if
+ * framed (sc->len, sc->status, sc->body set), else CLV_HO_RESPONSE.  1xx
+ * (100-continue, 101) and statuses outside 100..599 are not framed here. */
+__noinline int clv_parse_response(struct clv_conn *c, struct clv_scan *sc, __u64 at, __u64 n,
+				  __u64 max)
 {
+	const __u8 *d;
 	__u32 status;
 
-	if (!sc || n < 16 || n > CLV_RESP_HEAD_MAX)
+	if (!c || !sc || at > CLV_REQ_HEAD_MAX || max > CLV_RESP_HEAD_MAX || n < 16 || n > max)
 		return CLV_HO_RESPONSE;
-	if (!clv_scan_head(sc, n, CLV_RESP_HEAD_MAX))
+	d = c->data + at;
+	if (!clv_scan_head(d, sc, n, CLV_RESP_HEAD_MAX))
 		return CLV_HO_RESPONSE;
-	status = clv_status_line(sc->data, CLV_GET(sc->line_end));
+	status = clv_status_line(d, CLV_GET(sc->line_end));
 	if (status < 200 || status > 599)
 		return CLV_HO_RESPONSE;
 	sc->body = -1;
 	if (CLV_GET(sc->cl_at)) {
-		sc->body = clv_content_length(sc, CLV_RESP_HEAD_MAX);
+		sc->body = clv_content_length(d, sc, CLV_RESP_HEAD_MAX);
 		if (sc->body < 0 || sc->body > CLV_BODY_MAX)
 			return CLV_HO_RESPONSE;
 	}

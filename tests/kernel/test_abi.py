@@ -63,6 +63,7 @@ CONSTANTS = {
     "CLV_RESP_HEAD_MAX": abi.CLV_RESP_HEAD_MAX,
     "CLV_REQ_HEAD_MAX": abi.CLV_REQ_HEAD_MAX,
     "CLV_SCAN_SLACK": abi.CLV_SCAN_SLACK,
+    "CLV_HELD_BYTES": abi.CLV_HELD_BYTES,
     "CLV_BODY_MAX": abi.CLV_BODY_MAX,
     "CLV_CONN_RESP_KNOWN": abi.CLV_CONN_RESP_KNOWN,
     "CLV_CONN_FIN_REQ": abi.CLV_CONN_FIN_REQ,
@@ -175,11 +176,12 @@ def test_btf_of_the_object_matches() -> None:
         size, members = btf[name]
         assert size == ctypes.sizeof(struct), name
         assert members == [(f, getattr(struct, f).offset * 8) for f, _ in struct._fields_], name
-    # the ring record, the typed maps' keys and values and the settings must all be
-    # there (`conns` is sized by the loader, so it has no BTF types: its structs and
-    # the records built in it are checked against the C compiler above)
+    # the ring record, the maps' keys and values and the settings must all be there
+    # (the exchange and handover records are built in map values and ring memory;
+    # the C compiler checks them above)
     for must in ("clv_segment", "clv_port_key", "clv_egress_key", "clv_match", "clv_settings",
-                 "clv_red_key", "clv_red"):
+                 "clv_conn_key", "clv_conn", "clv_held_seg", "clv_exchange", "clv_red_key",
+                 "clv_red"):
         assert must in btf, must
 
 

@@ -57,9 +57,10 @@ CLV_MODE_DEAD = 3
 CLV_SYNC_REQUEST = 0x01
 CLV_SYNC_RESPONSE = 0x02
 
-CLV_RESP_HEAD_MAX = 512
-CLV_REQ_HEAD_MAX = 2048
+CLV_RESP_HEAD_MAX = 672
+CLV_REQ_HEAD_MAX = 1024
 CLV_SCAN_SLACK = 32
+CLV_HELD_BYTES = CLV_REQ_HEAD_MAX + CLV_RESP_HEAD_MAX + CLV_SCAN_SLACK
 CLV_BODY_MAX = 1 << 30
 
 CLV_CONN_RESP_KNOWN = 0x01
@@ -271,16 +272,17 @@ class clv_conn(ctypes.Structure):
         ("req_next", _u32),
         ("resp_next", _u32),
         ("req_body_ack", _u32),
-        ("resp_body_ack", _u32),
-        ("pad2", _u32),
-        ("req_body_ts", _u64),
-        ("resp_body_ts", _u64),
-        ("last_ns", _u64),
         ("req_left", _u64),
         ("resp_left", _u64),
+        ("last_ns", _u64),
+        ("req_body_ts", _u64),
+        ("resp_body_ts", _u64),
+        ("resp_body_ack", _u32),
+        ("pad2", _u32),
         ("req_seg", clv_held_seg),
         ("resp_seg", clv_held_seg),
         ("ex", clv_exchange),
+        ("data", _u8 * CLV_HELD_BYTES),
     ]
 
 
@@ -318,17 +320,6 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (
     clv_red_key,
     clv_red,
 )
-
-
-def held_head_bytes(capture_bytes: int) -> tuple[int, int]:
-    """The request and response head bytes a `conns` entry holds (held_req/held_resp in C)."""
-    return min(capture_bytes, CLV_REQ_HEAD_MAX), min(capture_bytes, CLV_RESP_HEAD_MAX)
-
-
-def conn_value_size(capture_bytes: int) -> int:
-    """The value size of `conns`: struct clv_conn, the held heads, the scan slack."""
-    req, resp = held_head_bytes(capture_bytes)
-    return ctypes.sizeof(clv_conn) + req + resp + CLV_SCAN_SLACK
 
 # The fixed part of clv_segment, field for field (little-endian: BPF runs in
 # the host's byte order and every supported host is little-endian).

@@ -36,7 +36,6 @@ from .abi import (
     clv_red,
     clv_red_key,
     clv_settings,
-    conn_value_size,
     decode_exchange_at,
 )
 from .errors import KernelError
@@ -92,7 +91,6 @@ _lookup_elem = libbpf.bind("bpf_map_lookup_elem", _int, _int, _p, _p)
 _delete_elem = libbpf.bind("bpf_map_delete_elem", _int, _int, _p)
 _get_next_key = libbpf.bind("bpf_map_get_next_key", _int, _int, _p, _p)
 _lookup_and_delete = libbpf.bind("bpf_map_lookup_and_delete_elem", _int, _int, _p, _p)
-_set_value_size = libbpf.bind("bpf_map__set_value_size", _int, _p, _u32)
 _num_possible_cpus = libbpf.bind("libbpf_num_possible_cpus", _int)
 
 _BPF_ANY = 0
@@ -235,7 +233,7 @@ class BpfObject:
         self.pair_http = pair_http
         self.max_connections = max_connections
         self.shed_bytes = shed_bytes
-        self.conn_value_size = conn_value_size(capture_bytes)
+        self.conn_value_size = ctypes.sizeof(clv_conn)
         self._conn_cursor: clv_conn_key | None = None  # where the idle scan goes on
         self._obj: int | None = None
         self._ncpus = libbpf.check(_num_possible_cpus(), "libbpf_num_possible_cpus")
@@ -290,12 +288,9 @@ class BpfObject:
             _set_max_entries(self._map("events"), self.ring_bytes),
             "bpf_map__set_max_entries(events)",
         )
-        conns = self._map("conns")
         libbpf.check(
-            _set_max_entries(conns, self.max_connections), "bpf_map__set_max_entries(conns)"
-        )
-        libbpf.check(
-            _set_value_size(conns, self.conn_value_size), "bpf_map__set_value_size(conns)"
+            _set_max_entries(self._map("conns"), self.max_connections),
+            "bpf_map__set_max_entries(conns)",
         )
 
     def _load(self) -> None:

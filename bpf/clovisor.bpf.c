@@ -577,12 +577,25 @@ static __always_inline bool same_key(struct clv_exchange *ex, struct clv_conn_ke
 
 static __always_inline bool conn_lock(struct clv_conn *c)
 {
+	__u64 old;
+
 	for (int i = 0; i < CLV_LOCK_SPINS; i++) {
 		if (*(volatile __u64 *)&c->lock == 0 &&
 		    __sync_val_compare_and_swap(&c->lock, 0, CLV_LOCK_TAKEN) == 0)
 			return true;
 	}
-	__sync_fetch_and_or(&c->lock, CLV_LOCK_MISSED);
+	/* Give up, and say so to the holder: only while it still holds the
+	 * lock (marking a free lock would keep everyone out). */
+	for (int i = 0; i < 4; i++) {
+		old = *(volatile __u64 *)&c->lock;
+		if (old == 0) {
+			if (__sync_val_compare_and_swap(&c->lock, 0, CLV_LOCK_TAKEN) == 0)
+				return true;
+		} else if (__sync_val_compare_and_swap(&c->lock, old, old | CLV_LOCK_MISSED) ==
+			   old) {
+			return false;
+		}
+	}
 	return false;
 }
 
@@ -600,7 +613,8 @@ static __noinline struct clv_conn *conn_new(struct clv_conn_key *key, struct clv
 
 	if (!t)
 		return NULL;
-	__builtin_memset(t, 0, __builtin_offsetof(struct clv_conn, data)); /* the held bytes are written before they are read */
+	/* the held bytes are always written before they are read */
+	__builtin_memset(t, 0, __builtin_offsetof(struct clv_conn, data));
 	t->mode = mode;
 	t->req_next = req_next;
 	t->ex.type = CLV_EV_EXCHANGE;
@@ -686,18 +700,23 @@ static __always_inline void held_body(struct clv_scratch *s, struct clv_conn_key
 static __noinline void handover(struct clv_conn *c, struct clv_scratch *s, struct clv_conn_key *k,
 				__u8 reason, __u64 now)
 {
-	struct clv_handover *h;
-	__u8 *data = c->data;
+	__u64 rl, sl, req_bytes, resp_bytes;
+	__u32 req_at, resp_at = 0, req_packets, resp_packets;
+	__u8 phase, synced = CLV_SYNC_REQUEST;
 	struct clv_segment *seg;
-	__u8 phase = c->phase, synced = CLV_SYNC_REQUEST;
-	__u32 req_at = phase == CLV_PHASE_IDLE ? c->req_next : c->ex.req_seq, resp_at = 0;
-	/* read before the first header is written over the exchange header */
-	__u64 rl = c->ex.req_head_len, sl = c->ex.resp_head_len;
-	__u64 req_bytes = c->ex.req_bytes, resp_bytes = c->ex.resp_bytes;
-	__u32 req_packets = c->ex.req_packets, resp_packets = c->ex.resp_packets;
+	struct clv_handover *h;
 
 	if (!c || !s || reason >= CLV_HO__MAX)
 		return;
+	phase = c->phase;
+	req_at = phase == CLV_PHASE_IDLE ? c->req_next : c->ex.req_seq;
+	/* read before the first header is written over the exchange header */
+	rl = c->ex.req_head_len;
+	sl = c->ex.resp_head_len;
+	req_bytes = c->ex.req_bytes;
+	resp_bytes = c->ex.resp_bytes;
+	req_packets = c->ex.req_packets;
+	resp_packets = c->ex.resp_packets;
 	count(CLV_CNT_HANDOVERS);
 	count(CLV_CNT_HANDOVERS + reason);
 	if (c->flags & CLV_CONN_RESP_KNOWN) {
@@ -730,7 +749,7 @@ static __noinline void handover(struct clv_conn *c, struct clv_scratch *s, struc
 		return;
 	if (rl > held_req() || sl > held_resp())
 		return; /* cannot be: the entry is corrupt; user space resyncs */
-	seg = (struct clv_segment *)(data - sizeof(*seg));
+	seg = (struct clv_segment *)(c->data - sizeof(*seg));
 	held_header(seg, k, CLV_DIR_REQUEST, c->req_seg.ts_ns, c->req_seg.seq, c->req_seg.ack,
 		    c->req_seg.payload_len, c->req_seg.gso_segs, c->req_seg.tcp_flags,
 		    c->req_seg.hook, rl);
@@ -739,7 +758,7 @@ static __noinline void handover(struct clv_conn *c, struct clv_scratch *s, struc
 		  c->req_body_ack);
 	if (phase != CLV_PHASE_RESPONSE)
 		return;
-	seg = (struct clv_segment *)(data + rl - sizeof(*seg));
+	seg = (struct clv_segment *)(c->data + rl - sizeof(*seg));
 	held_header(seg, k, CLV_DIR_RESPONSE, c->resp_seg.ts_ns, c->resp_seg.seq, c->resp_seg.ack,
 		    c->resp_seg.payload_len, c->resp_seg.gso_segs, c->resp_seg.tcp_flags,
 		    c->resp_seg.hook, sl);

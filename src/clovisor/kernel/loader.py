@@ -564,11 +564,13 @@ class BpfObject:
         return nxt
 
     @staticmethod
-    def _held(value: bytes) -> Exchange | None:
-        """The exchange a `conns` value holds, if any (paired and pending)."""
+    def _pending(value: bytes) -> clv_conn | None:
+        """The entry's state if it holds an exchange (paired and pending)."""
         conn = clv_conn.from_buffer_copy(value)
-        if conn.mode != CLV_MODE_PAIRED or conn.phase == 0:
-            return None
+        return conn if conn.mode == CLV_MODE_PAIRED and conn.phase != 0 else None
+
+    @staticmethod
+    def _exchange(value: bytes) -> Exchange | None:
         try:
             return decode_exchange_at(value, clv_conn.ex.offset, len(value) - clv_conn.ex.offset,
                                       held=True)
@@ -581,8 +583,10 @@ class BpfObject:
         key = self._next_conn_key(None)
         while key is not None:
             value = self._conn_value(key)
-            if value is not None and (ex := self._held(value)) is not None:
-                out.append(ex)
+            if value is not None and self._pending(value) is not None:
+                ex = self._exchange(value)
+                if ex is not None:
+                    out.append(ex)
             key = self._next_conn_key(key)
         return out
 
@@ -591,26 +595,28 @@ class BpfObject:
 
         Looks at up to ``max_keys`` entries per call, going on where the last
         call stopped, so that one call costs a bounded number of syscalls.
-        An entry is taken with lookup-and-delete; if the exchange in it moved
-        on meanwhile (a segment came), it is put back.
+        An entry is taken with lookup-and-delete; if it changed meanwhile (a
+        segment came), it is put back.
         """
         out: list[Exchange] = []
         key = self._conn_cursor
+        state = clv_conn.ex.offset  # the bytes before the exchange: lock, phase, last segment
         for _ in range(max_keys):
             key = self._next_conn_key(key)
             if key is None:
                 break
             value = self._conn_value(key)
-            if value is None or (ex := self._held(value)) is None:
+            conn = self._pending(value) if value is not None else None
+            if conn is None or now_ns - conn.last_ns <= idle_ns:
                 continue
-            last_ns = clv_conn.from_buffer_copy(value).last_ns
-            if now_ns - last_ns <= idle_ns:
-                continue
+            assert value is not None
             taken = self._conn_value(key, delete=True)
             if taken is None:
                 continue
-            if taken[: clv_conn.ex.offset] == value[: clv_conn.ex.offset]:
-                out.append(ex)
+            if taken[:state] == value[:state]:
+                ex = self._exchange(taken)
+                if ex is not None:
+                    out.append(ex)
                 continue
             buf = ctypes.create_string_buffer(taken, len(taken))
             rc = _update_elem(self.map_fd("conns"), ctypes.byref(key), buf, _BPF_NOEXIST)

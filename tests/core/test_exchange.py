@@ -265,3 +265,52 @@ def test_boundaries_anywhere_in_sequence_space(client_isn: int, server_isn: int)
     [s] = Tracker().feed_many([handover(c, req[0], resp_at), *req, *resp])
     assert s.outcome is Outcome.COMPLETE and s.response is not None
     assert s.server_addr == ".".join(str(b) for b in SERVER)
+
+
+# --- any head the kernel frames ---------------------------------------------------------
+
+_TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-",
+                 min_size=1, max_size=12)
+_VALUE = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
+_RECORDED = st.sampled_from(["Host", "user-agent", "X-Request-Id", "traceparent",
+                             "Content-Type", "b3", "Cookie", "Authorization"])
+
+
+@st.composite
+def exchanges(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    method = draw(st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]))
+    target = "/" + draw(st.text(alphabet="abcxyz0189/?=&%._~-", max_size=40))
+    version = draw(st.sampled_from(["1.0", "1.1"]))
+    fields = draw(st.lists(st.tuples(st.one_of(_RECORDED, _TOKEN), _VALUE), max_size=6))
+    body = draw(st.binary(max_size=300)) if method in ("POST", "PUT", "PATCH") else b""
+    head = f"{method} {target} HTTP/{version}\r\n" + "".join(
+        f"{n}:{draw(st.sampled_from(['', ' ', '  ']))}{v}\r\n" for n, v in fields
+        if n.lower() not in ("content-length", "transfer-encoding"))
+    if body or draw(st.booleans()):
+        head += f"content-LENGTH: {len(body)}\r\n"
+    request = (head + "\r\n").encode() + body
+    status = draw(st.integers(min_value=200, max_value=599))
+    rbody = b"" if method == "HEAD" or status in (204, 304) else draw(st.binary(max_size=300))
+    reason = draw(st.sampled_from(["", " OK", " Whatever It Says"]))
+    rfields = draw(st.lists(st.tuples(st.one_of(_RECORDED, _TOKEN), _VALUE), max_size=5))
+    rhead = f"HTTP/{version} {status}{reason}\r\n" + "".join(
+        f"{n}: {v}\r\n" for n, v in rfields
+        if n.lower() not in ("content-length", "transfer-encoding"))
+    rhead += f"Content-Length: {len(rbody) if rbody or method != 'HEAD' else 5}\r\n\r\n"
+    return request, rhead.encode() + rbody
+
+
+@given(exchanges(), st.integers(min_value=1, max_value=4))
+def test_any_framed_exchange_is_the_framed_session(exchange: tuple[bytes, bytes],
+                                                   pieces: int) -> None:
+    request, response = exchange
+    c = Conversation()
+    hs = c.handshake()
+    req_head = len(head_of_bytes(request))
+    resp_head = len(head_of_bytes(response))
+    req = c.request(request, [req_head] + [max(1, (len(request) - req_head) // pieces)] * pieces)
+    resp = c.response(response,
+                      [resp_head] + [max(1, (len(response) - resp_head) // pieces)] * pieces)
+    framed, paired = both_ways(hs, req, resp)
+    assert len(framed) == 1
+    assert paired == framed

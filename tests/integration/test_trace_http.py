@@ -11,12 +11,15 @@ import itertools
 import os
 import random
 import re
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.integration.conftest import (
     BIG_FILE_BYTES,
     PORT,
@@ -500,6 +503,31 @@ def test_idle_request_times_out(net: Net, tracer: TracerFactory) -> None:
     assert span.status_code == STATUS_ERROR
     assert "http.response.status_code" not in span.attrs
     assert span.end_ns - span.start_ns >= 0.8e9, span
+
+
+def unacked(sock: socket.socket) -> int:
+    """Segments sent and not yet acknowledged (struct tcp_info's tcpi_unacked)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int(struct.unpack_from("I", info, 24)[0])
+
+
+@both_paths
+def test_pending_request_at_shutdown(net: Net, tracer: TracerFactory,
+                                     pairing: tuple[str, ...]) -> None:
+    """A request still waiting when the tracer stops is a span too (held in the kernel
+    when it pairs: read from its map after the hooks are gone)."""
+    t = tracer(net.py.host_ifname, *pairing)
+    with net.client_socket(net.py.ipv4) as s:
+        s.sendall(f"GET /slow/10?stop=1 HTTP/1.1\r\nHost: {net.py.ipv4}\r\n\r\n".encode())
+        # the server acknowledged the request: it has passed the hook
+        assert wait_until(lambda: unacked(s) == 0, timeout=5.0)
+        rc = t.stop()
+    assert rc == 0, t.stderr
+    (span,) = t.spans()
+    assert span["url.query"] == "stop=1"
+    assert span["clovisor.outcome"] == "shutdown"
+    assert "http.response.status_code" not in span.attrs
+    assert t.totals["exchanges"] == (0 if pairing else 1)
 
 
 def test_garbage_does_not_crash(net: Net, tracer: TracerFactory) -> None:

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nginx-light curl wrk hey \
                 redis-server tshark linux-perf procps
 BPF_SRC := bpf/clovisor.bpf.c
-BPF_HDR := bpf/clovisor.h
+BPF_HDR := bpf/clovisor.h bpf/http1.h
 BPF_OBJ := src/clovisor/kernel/clovisor.bpf.o
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BPF_CFLAGS := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Wextra -Werror -Wpadded \

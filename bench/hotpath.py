@@ -10,8 +10,10 @@ encoding. It prints µs per request for each stage (best of ``--repeat``),
 so a change to one stage can be judged on its own and before/after numbers
 do not depend on what else the machine runs. ``--varied`` makes every
 request different (path, query, request id), as real traffic
-is, so that nothing can profit from repetition; ``--profile`` runs cProfile
-over the whole path instead.
+is, so that nothing can profit from repetition; ``--paired`` replays the
+records the classifier sends when it pairs exchanges itself (one per
+exchange) instead of segments; ``--profile`` runs cProfile over the whole
+path instead.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from clovisor.core.tracker import Tracker
 from clovisor.export.ids import FastIdGenerator
 from clovisor.export.otlp_json import spans_to_otlp_json
 from clovisor.export.spans import session_to_span
-from clovisor.kernel.abi import CLV_EV_SEGMENT, SEGMENT_HEADER
+from clovisor.kernel.abi import (
+    CLV_EV_EXCHANGE,
+    CLV_EV_SEGMENT,
+    EXCHANGE_HEADER,
+    SEGMENT_HEADER,
+    Method,
+)
 from clovisor.kernel.ringbuf import walk_records
 from clovisor.metrics import Metrics
 from clovisor.sampling import Sampler
@@ -79,7 +87,20 @@ def record(
     ) + cap  # fmt: skip
 
 
-def traffic(requests: int, connections: int, varied: bool, seed: int = 1) -> list[bytes]:
+def exchange(cport: int, seq: int, ack: int, req: bytes, resp: bytes, ts: int) -> bytes:
+    """The clv_exchange record the classifier sends for one paired exchange."""
+    req_head = req[: req.index(b"\r\n\r\n") + 4]
+    resp_head = resp[: resp.index(b"\r\n\r\n") + 4]
+    return EXCHANGE_HEADER.pack(
+        CLV_EV_EXCHANGE, Role.SERVER, 4, Method.GET, 0, 0, 200, len(req_head), len(resp_head),
+        cport, SPORT, IFINDEX, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 1, 1, 0,
+        ts, ts + 50_000, len(req), len(resp), CLIENT, SERVER,
+    ) + req_head + resp_head  # fmt: skip
+
+
+def traffic(
+    requests: int, connections: int, varied: bool, seed: int = 1, paired: bool = False
+) -> list[bytes]:
     """Ring records of ``requests`` exchanges spread over keep-alive connections."""
     rnd = random.Random(seed) if varied else None
     body = b"hello from nginx\n"
@@ -89,8 +110,9 @@ def traffic(requests: int, connections: int, varied: bool, seed: int = 1) -> lis
     for c in range(connections):
         cport = 40000 + c
         cs, ss = 1000 + 7919 * c, 500_000 + 104729 * c
-        out.append(record(Direction.REQUEST, cport, cs, 0, SYN, b"", ts))
-        out.append(record(Direction.RESPONSE, cport, ss, cs + 1, SYN | ACK, b"", ts))
+        if not paired:  # a paired connection's SYNs do not cross
+            out.append(record(Direction.REQUEST, cport, cs, 0, SYN, b"", ts))
+            out.append(record(Direction.RESPONSE, cport, ss, cs + 1, SYN | ACK, b"", ts))
         seqs[cport] = [cs + 1, ss + 1]
     for i in range(requests):
         cport = 40000 + i % connections
@@ -98,9 +120,12 @@ def traffic(requests: int, connections: int, varied: bool, seed: int = 1) -> lis
         req = request_bytes(rnd)
         resp = response_bytes(i // 5000, body)
         ts += 100_000
-        out.append(record(Direction.REQUEST, cport, cs, ss, ACK | PSH, req, ts))
-        out.append(record(Direction.RESPONSE, cport, ss, cs + len(req), ACK | PSH, resp,
-                          ts + 50_000))
+        if paired:
+            out.append(exchange(cport, cs, ss, req, resp, ts))
+        else:
+            out.append(record(Direction.REQUEST, cport, cs, ss, ACK | PSH, req, ts))
+            out.append(record(Direction.RESPONSE, cport, ss, cs + len(req), ACK | PSH, resp,
+                              ts + 50_000))
         seqs[cport] = [cs + len(req), ss + len(resp)]
     return out
 
@@ -186,9 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=512, help="records per ring batch")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--varied", action="store_true", help="every request different")
+    p.add_argument("--paired", action="store_true",
+                   help="exchange records (kernel pairing) instead of segments")
     p.add_argument("--profile", action="store_true", help="cProfile the whole path once")
     args = p.parse_args(argv)
-    raw = traffic(args.requests, args.connections, args.varied)
+    raw = traffic(args.requests, args.connections, args.varied, paired=args.paired)
     rings = ring_batches(raw, args.batch)
     if args.profile:
         prof = cProfile.Profile()
@@ -203,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k, v in spent.items():
             best[k] = min(best.get(k, v), v)
     per = {k: 1e6 * v / args.requests for k, v in best.items()}
-    kind = "varied" if args.varied else "identical"
+    kind = ("varied" if args.varied else "identical") + (" paired" if args.paired else "")
     print(f"{args.requests} {kind} requests, {len(raw)} records, batches of {args.batch}; "
           f"best of {args.repeat}, µs per request:")
     for k in STAGES:

@@ -144,6 +144,8 @@ class RunResult:
     kernel_ns_per_run: float | None = None
     kernel_runs: int | None = None
     kernel_runs_per_req: float | None = None
+    # per program (clv_tc_ingress, clv_tc_egress): ns per run, runs per request
+    kernel_by_prog: dict[str, tuple[float, float]] | None = None
     output_bytes: int | None = None
     # clovisor's /metrics after the run: RED request counts by status code
     # ("" = no response seen) and its own counters (clovisor_*_total)
@@ -239,7 +241,8 @@ class ClovisorTracer(Tracer):
     name = "clovisor"
 
     def __init__(
-        self, env: Env, extra: tuple[str, ...] = (), variant: Variant | None = None
+        self, env: Env, extra: tuple[str, ...] = (), variant: Variant | None = None,
+        python: str = sys.executable,
     ) -> None:
         super().__init__(env)
         self.err = env.tmp / "clovisor.stderr"
@@ -247,12 +250,13 @@ class ClovisorTracer(Tracer):
         for p in (self.err, self.out):
             p.unlink(missing_ok=True)
         argv = [
-            sys.executable, "-m", "clovisor", "trace",
+            python, "-m", "clovisor", "trace",
             "--iface", env.server.host_ifname, "--port", str(nginx.PORT),
             "--output", f"otlp-json:{self.out}", "--metrics", f"127.0.0.1:{METRICS_PORT}",
             *extra,
         ]
-        child_env = dict(os.environ)
+        # No bytecode written: `python` may be another checkout's.
+        child_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         if variant is not None:
             child_env.update(variant.env)
             if variant.source is not None:
@@ -289,6 +293,10 @@ class ClovisorTracer(Tracer):
             result.kernel_ns_per_run = sum(s.run_time_ns for s in stats) / runs
             if result.server_requests:
                 result.kernel_runs_per_req = runs / result.server_requests
+                result.kernel_by_prog = {
+                    s.name: (s.run_time_ns / s.run_cnt, s.run_cnt / result.server_requests)
+                    for s in stats if s.run_cnt
+                }
 
     def stop(self, result: RunResult) -> resource.struct_rusage | None:
         assert self.proc is not None
@@ -383,17 +391,21 @@ def run_client(env: Env, workload: Workload) -> tuple[ClientResult, float]:
     return parse(workload.tool, proc.stdout), wall
 
 
-def run_one(env: Env, workload: Workload, scenario: str) -> RunResult:
-    """Run ``workload`` once under ``scenario``; every process started here is stopped."""
+def run_one(env: Env, workload: Workload, scenario: str, *,
+            clovisor: tuple[str, tuple[str, ...]] = (sys.executable, ())) -> RunResult:
+    """Run ``workload`` once under ``scenario``; every process started here is stopped.
+
+    ``clovisor`` is the Python that runs ``clovisor trace`` and its extra flags.
+    """
     variant = env.variant(scenario)
     if scenario not in SCENARIOS and variant is None:
         raise ValueError(scenario)
-    clovisor = scenario == "clovisor" or variant is not None
-    with _maybe_bpf_stats(clovisor):
+    traced_by_clovisor = scenario == "clovisor" or variant is not None
+    with _maybe_bpf_stats(traced_by_clovisor):
         tracer: Tracer | None = None
         try:
-            if clovisor:
-                tracer = ClovisorTracer(env, variant=variant)
+            if traced_by_clovisor:
+                tracer = ClovisorTracer(env, clovisor[1], variant, clovisor[0])
             elif scenario == "tshark":
                 tracer = TsharkTracer(env)
             before_cpu = tracer.sample().cpu_s if tracer else 0.0

@@ -2,7 +2,10 @@
 /*
  * Clovisor's classifier: one TCX (or clsact) program per hook that reports
  * the payload-carrying and SYN/FIN/RST TCP segments of traced flows to user
- * space through a BPF ring buffer.
+ * space through a BPF ring buffer.  On HTTP/1.x flows (with pair_http set)
+ * it pairs the exchanges it can frame exactly and reports each as one
+ * record; any other connection is handed over to user space, segment by
+ * segment (see clovisor.h).
  *
  * Invariants:
  *  - it never changes, drops or redirects a packet and never ends the chain:
@@ -16,7 +19,12 @@
  *    a packet of a traced port one or two hash lookups in `ports`, whose
  *    entry also says whether `egress` rules exist for the port; a pure ACK
  *    costs only the parse;
- *  - every record that cannot be written is counted (CLV_CNT_LOST).
+ *  - every record that cannot be written is counted (CLV_CNT_LOST), and an
+ *    exchange whose record is lost or shed is still counted in `red`;
+ *  - the state a packet can change is its own connection's `conns` entry
+ *    (and the counters); every value read from a packet is bounded before
+ *    use: head scans by the held bytes, Content-Length by 18 digits and
+ *    CLV_BODY_MAX, the status by 100..599.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -30,6 +38,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "clovisor.h"
+#include "http1.h"
 
 /* Dual-licensed (SPDX line above); the kernel is told the GPL option. */
 char LICENSE[] SEC("license") = "GPL";
@@ -39,6 +48,8 @@ char LICENSE[] SEC("license") = "GPL";
 const volatile struct clv_settings settings = {
 	.capture_bytes = 256,
 	.wakeup_bytes = 0,
+	.pair_http = 0,
+	.shed_bytes = 0,
 };
 
 struct {
@@ -73,6 +84,31 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
+
+/* HTTP connections (pair_http), clovisor.h */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384); /* the loader sets the real size */
+	__type(key, struct clv_conn_key);
+	__type(value, struct clv_conn);
+} conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct clv_scan);
+} heads SEC(".maps");
+
+/* RED metrics of the exchanges that did not reach user space; allocated on
+ * first use, so that an idle node holds none. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 4096);
+	__type(key, struct clv_red_key);
+	__type(value, struct clv_red);
+} red SEC(".maps");
 
 /* A record is built here, not on the 512-byte stack, and leaves with one
  * bpf_ringbuf_output() of exactly header + captured bytes (reserve/commit
@@ -415,20 +451,11 @@ static __always_inline void fill_header(struct __sk_buff *skb, struct clv_pkt *p
 	h->gso_segs = segs ? (segs > 0xffff ? 0xffff : segs) : 1;
 }
 
-static __always_inline void emit(struct __sk_buff *skb, struct clv_pkt *p,
-				 struct clv_scratch *s, __u8 hook)
+/* The ringbuf_output flags for a record of `size` bytes. */
+static __always_inline __u64 wake_flags(__u64 size)
 {
-	__u64 flags = BPF_RB_NO_WAKEUP, avail, wake, size;
-	int n;
+	__u64 avail, wake = settings.wakeup_bytes;
 
-	n = capture(skb, p, s);
-	if (n < 0) {
-		count(CLV_CNT_MALFORMED);
-		return;
-	}
-	fill_header(skb, p, &s->hdr, hook);
-	s->hdr.cap_len = n;
-	size = sizeof(s->hdr) + n;
 	/*
 	 * Batch wake-ups: wake the reader only when this record makes the
 	 * unread data cross wakeup_bytes.  Above the threshold the reader is
@@ -438,20 +465,737 @@ static __always_inline void emit(struct __sk_buff *skb, struct clv_pkt *p,
 	 * CLV_WAKEUP_NEVER: never, the reader drains on a timer, and the ring
 	 * is not even queried (measured: about 60 ns less per packet).
 	 */
-	wake = settings.wakeup_bytes;
-	if (wake == CLV_WAKEUP_NEVER) {
-		flags = BPF_RB_NO_WAKEUP;
-	} else if (wake == 0) {
-		flags = BPF_RB_FORCE_WAKEUP;
-	} else {
-		avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-		if (avail < wake && avail + size >= wake)
-			flags = BPF_RB_FORCE_WAKEUP;
-	}
-	if (bpf_ringbuf_output(&events, s, size, flags))
+	if (wake == CLV_WAKEUP_NEVER)
+		return BPF_RB_NO_WAKEUP;
+	if (wake == 0)
+		return BPF_RB_FORCE_WAKEUP;
+	avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	if (avail < wake && avail + size >= wake)
+		return BPF_RB_FORCE_WAKEUP;
+	return BPF_RB_NO_WAKEUP;
+}
+
+/* One record to the ring, counted either way; false if it was lost. */
+static __always_inline bool output(void *data, __u64 size)
+{
+	if (bpf_ringbuf_output(&events, data, size, wake_flags(size))) {
 		count(CLV_CNT_LOST);
-	else
+		return false;
+	}
+	count(CLV_CNT_EVENTS);
+	return true;
+}
+
+/* A call, not inlined: the paired path reaches it only on its cold branches,
+ * and a compact hot path is what costs least with cold caches. */
+static __noinline void emit(struct __sk_buff *skb, struct clv_pkt *p, struct clv_scratch *s,
+			    __u8 hook)
+{
+	int n;
+
+	n = capture(skb, p, s);
+	if (n < 0) {
+		count(CLV_CNT_MALFORMED);
+		return;
+	}
+	fill_header(skb, p, &s->hdr, hook);
+	s->hdr.cap_len = n;
+	output(s, sizeof(s->hdr) + n);
+}
+
+/* --- HTTP/1.x pairing ------------------------------------------------------------ */
+
+static __always_inline __u16 gso_of(struct __sk_buff *skb)
+{
+	__u32 segs = skb->gso_segs;
+
+	return segs ? (segs > 0xffff ? 0xffff : segs) : 1;
+}
+
+/* Held head bytes: verifier-known constants (settings is frozen .rodata). */
+static __always_inline __u64 held_req(void)
+{
+	__u64 cap = settings.capture_bytes;
+
+	return cap < CLV_REQ_HEAD_MAX ? cap : CLV_REQ_HEAD_MAX;
+}
+
+static __always_inline __u64 held_resp(void)
+{
+	__u64 cap = settings.capture_bytes;
+
+	return cap < CLV_RESP_HEAD_MAX ? cap : CLV_RESP_HEAD_MAX;
+}
+
+/* What a segment does to a paired connection, when it is not a handover
+ * (an enum clv_handover_reason, > 0). */
+#define CLV_TAKEN 0    /* the segment is accounted in the held exchange */
+#define CLV_IGNORED -1 /* a duplicate of bytes already accounted */
+
+static __always_inline void conn_key(__u32 ifindex, struct clv_pkt *p, __u8 dir, __u8 role,
+				     struct clv_conn_key *k)
+{
+	k->ifindex = ifindex;
+	k->role = role;
+	k->family = p->family;
+	k->pad = 0;
+	if (dir == CLV_DIR_REQUEST) {
+		k->cport = p->sport;
+		k->sport = p->dport;
+		__builtin_memcpy(k->caddr, p->saddr, 16);
+		__builtin_memcpy(k->saddr, p->daddr, 16);
+	} else {
+		k->cport = p->dport;
+		k->sport = p->sport;
+		__builtin_memcpy(k->caddr, p->daddr, 16);
+		__builtin_memcpy(k->saddr, p->saddr, 16);
+	}
+}
+
+/* Is this entry the key's (not an element reused for another connection)? */
+static __always_inline bool same_key(struct clv_exchange *ex, struct clv_conn_key *k)
+{
+	/* 4-byte words: the key's addresses are 4-aligned on the stack */
+	__u32 *x = (__u32 *)ex->caddr, *y = (__u32 *)k->caddr;
+	__u32 diff = 0;
+
+	for (int i = 0; i < 8; i++)
+		diff |= x[i] ^ y[i];
+	return !diff && ex->ifindex == k->ifindex && ex->role == k->role &&
+	       ex->family == k->family && ex->cport == k->cport && ex->sport == k->sport;
+}
+
+/*
+ * The two directions of a connection pass different hooks, possibly on two
+ * CPUs at once: a try-lock on the entry keeps its state machine whole.  The
+ * holder never waits for anything, so a short bounded spin almost always
+ * wins; the lock word's bit 1 tells the holder that a CPU gave up.
+ */
+#define CLV_LOCK_TAKEN 1ULL
+#define CLV_LOCK_MISSED 2ULL
+#define CLV_LOCK_SPINS 128
+
+static __always_inline bool conn_lock(struct clv_conn *c)
+{
+	__u64 old;
+
+	for (int i = 0; i < CLV_LOCK_SPINS; i++) {
+		if (*(volatile __u64 *)&c->lock == 0 &&
+		    __sync_val_compare_and_swap(&c->lock, 0, CLV_LOCK_TAKEN) == 0)
+			return true;
+	}
+	/* Give up, and say so to the holder: only while it still holds the
+	 * lock (marking a free lock would keep everyone out). */
+	for (int i = 0; i < 4; i++) {
+		old = *(volatile __u64 *)&c->lock;
+		if (old == 0) {
+			if (__sync_val_compare_and_swap(&c->lock, 0, CLV_LOCK_TAKEN) == 0)
+				return true;
+		} else if (__sync_val_compare_and_swap(&c->lock, old, old | CLV_LOCK_MISSED) ==
+			   old) {
+			return false;
+		}
+	}
+	return false;
+}
+
+/* true if a CPU gave up on the lock meanwhile: the caller hands over. */
+static __always_inline bool conn_unlock(struct clv_conn *c)
+{
+	return __sync_lock_test_and_set(&c->lock, 0) & CLV_LOCK_MISSED;
+}
+
+/* A new entry, built in the scratch buffer (larger than any value). */
+static __noinline struct clv_conn *conn_new(struct clv_conn_key *key, struct clv_scratch *s,
+					    __u8 mode, __u32 req_next)
+{
+	struct clv_conn *t = (struct clv_conn *)s;
+
+	if (!t)
+		return NULL;
+	/* the held bytes are always written before they are read */
+	__builtin_memset(t, 0, __builtin_offsetof(struct clv_conn, data));
+	t->mode = mode;
+	t->req_next = req_next;
+	t->ex.type = CLV_EV_EXCHANGE;
+	t->ex.role = key->role;
+	t->ex.family = key->family;
+	t->ex.cport = key->cport;
+	t->ex.sport = key->sport;
+	t->ex.ifindex = key->ifindex;
+	__builtin_memcpy(t->ex.caddr, key->caddr, 16);
+	__builtin_memcpy(t->ex.saddr, key->saddr, 16);
+	/* BPF_ANY: a stale entry of the same key (a port reused) is replaced */
+	if (bpf_map_update_elem(&conns, key, t, BPF_ANY))
+		return NULL;
+	return bpf_map_lookup_elem(&conns, key);
+}
+
+static __always_inline void hold_seg(struct clv_held_seg *h, __u64 now, __u32 seq, __u32 ack,
+				     __u32 len, __u16 gso, __u8 flags, __u8 hook)
+{
+	h->ts_ns = now;
+	h->seq = seq;
+	h->ack = ack;
+	h->payload_len = len;
+	h->gso_segs = gso;
+	h->tcp_flags = flags;
+	h->hook = hook;
+}
+
+/* A clv_segment header for a held segment of the connection. */
+static __always_inline void held_header(struct clv_segment *h, struct clv_conn_key *k, __u8 dir,
+					__u64 ts, __u32 seq, __u32 ack, __u32 len, __u16 gso,
+					__u8 flags, __u8 hook, __u16 cap)
+{
+	h->type = CLV_EV_SEGMENT;
+	h->dir = dir;
+	h->role = k->role;
+	h->proto = CLV_PROTO_HTTP;
+	h->family = k->family;
+	h->tcp_flags = flags;
+	h->hook = hook;
+	h->tail_len = 0;
+	h->ts_ns = ts;
+	h->ifindex = k->ifindex;
+	h->seq = seq;
+	h->ack = ack;
+	h->payload_len = len;
+	if (dir == CLV_DIR_REQUEST) {
+		__builtin_memcpy(h->saddr, k->caddr, 16);
+		__builtin_memcpy(h->daddr, k->saddr, 16);
+		h->sport = k->cport;
+		h->dport = k->sport;
+	} else {
+		__builtin_memcpy(h->saddr, k->saddr, 16);
+		__builtin_memcpy(h->daddr, k->caddr, 16);
+		h->sport = k->sport;
+		h->dport = k->cport;
+	}
+	h->cap_len = cap;
+	h->gso_segs = gso;
+}
+
+/* Body bytes counted after a head segment: one record with no payload
+ * bytes (user space counts by sequence number). */
+static __always_inline void held_body(struct clv_scratch *s, struct clv_conn_key *k, __u8 dir,
+				      struct clv_held_seg *head, __u64 bytes, __u32 packets,
+				      __u64 ts, __u32 ack)
+{
+	if (bytes <= head->payload_len)
+		return;
+	held_header(&s->hdr, k, dir, ts, head->seq + head->payload_len, ack,
+		    bytes - head->payload_len, packets - head->gso_segs, CLV_TCP_ACK, head->hook, 0);
+	output(&s->hdr, sizeof(s->hdr));
+}
+
+/*
+ * Stop pairing: a clv_handover record with the boundaries, then what is
+ * held, as the segments user space would have seen.  The head segments
+ * leave from the entry itself: a clv_segment header written just before
+ * the held bytes (over the exchange header, or over request bytes already
+ * sent), so that header and bytes go out with one bpf_ringbuf_output.
+ * The caller emits the current segment next and sets the mode.
+ */
+static __noinline void handover(struct clv_conn *c, struct clv_scratch *s, struct clv_conn_key *k,
+				__u8 reason, __u64 now)
+{
+	__u64 rl, sl, req_bytes, resp_bytes;
+	__u32 req_at, resp_at = 0, req_packets, resp_packets;
+	__u8 phase, synced = CLV_SYNC_REQUEST;
+	struct clv_segment *seg;
+	struct clv_handover *h;
+
+	if (!c || !s || reason >= CLV_HO__MAX)
+		return;
+	phase = c->phase;
+	req_at = phase == CLV_PHASE_IDLE ? c->req_next : c->ex.req_seq;
+	/* read before the first header is written over the exchange header */
+	rl = c->ex.req_head_len;
+	sl = c->ex.resp_head_len;
+	req_bytes = c->ex.req_bytes;
+	resp_bytes = c->ex.resp_bytes;
+	req_packets = c->ex.req_packets;
+	resp_packets = c->ex.resp_packets;
+	count(CLV_CNT_HANDOVERS);
+	count(CLV_CNT_HANDOVERS + reason);
+	if (c->flags & CLV_CONN_RESP_KNOWN) {
+		synced |= CLV_SYNC_RESPONSE;
+		resp_at = phase == CLV_PHASE_RESPONSE ? c->resp_seg.seq : c->resp_next;
+	}
+	h = bpf_ringbuf_reserve(&events, sizeof(*h), 0);
+	if (h) {
+		h->type = CLV_EV_HANDOVER;
+		h->role = k->role;
+		h->family = k->family;
+		h->reason = reason;
+		h->synced = synced;
+		h->pad = 0;
+		h->cport = k->cport;
+		h->sport = k->sport;
+		h->pad2 = 0;
+		h->ifindex = k->ifindex;
+		h->req_seq = req_at;
+		h->resp_seq = resp_at;
+		h->ts_ns = now;
+		__builtin_memcpy(h->caddr, k->caddr, 16);
+		__builtin_memcpy(h->saddr, k->saddr, 16);
+		bpf_ringbuf_submit(h, wake_flags(sizeof(*h)));
 		count(CLV_CNT_EVENTS);
+	} else {
+		count(CLV_CNT_LOST);
+	}
+	if (phase == CLV_PHASE_IDLE)
+		return;
+	if (rl > held_req() || sl > held_resp())
+		return; /* cannot be: the entry is corrupt; user space resyncs */
+	seg = (struct clv_segment *)(c->data - sizeof(*seg));
+	held_header(seg, k, CLV_DIR_REQUEST, c->req_seg.ts_ns, c->req_seg.seq, c->req_seg.ack,
+		    c->req_seg.payload_len, c->req_seg.gso_segs, c->req_seg.tcp_flags,
+		    c->req_seg.hook, rl);
+	output(seg, sizeof(*seg) + rl);
+	held_body(s, k, CLV_DIR_REQUEST, &c->req_seg, req_bytes, req_packets, c->req_body_ts,
+		  c->req_body_ack);
+	if (phase != CLV_PHASE_RESPONSE)
+		return;
+	seg = (struct clv_segment *)(c->data + rl - sizeof(*seg));
+	held_header(seg, k, CLV_DIR_RESPONSE, c->resp_seg.ts_ns, c->resp_seg.seq, c->resp_seg.ack,
+		    c->resp_seg.payload_len, c->resp_seg.gso_segs, c->resp_seg.tcp_flags,
+		    c->resp_seg.hook, sl);
+	output(seg, sizeof(*seg) + sl);
+	held_body(s, k, CLV_DIR_RESPONSE, &c->resp_seg, resp_bytes, resp_packets,
+		  c->resp_body_ts, c->resp_body_ack);
+}
+
+/* OpenTelemetry's HTTP duration buckets, in ns: the index of the first
+ * bound >= d (CLV_RED_BUCKETS - 1: +Inf). */
+static __always_inline __u32 red_bucket(__u64 d)
+{
+	if (d <= 100000000ULL) {
+		if (d <= 5000000ULL)
+			return 0;
+		if (d <= 10000000ULL)
+			return 1;
+		if (d <= 25000000ULL)
+			return 2;
+		if (d <= 50000000ULL)
+			return 3;
+		if (d <= 75000000ULL)
+			return 4;
+		return 5;
+	}
+	if (d <= 250000000ULL)
+		return 6;
+	if (d <= 500000000ULL)
+		return 7;
+	if (d <= 750000000ULL)
+		return 8;
+	if (d <= 1000000000ULL)
+		return 9;
+	if (d <= 2500000000ULL)
+		return 10;
+	if (d <= 5000000000ULL)
+		return 11;
+	if (d <= 7500000000ULL)
+		return 12;
+	if (d <= 10000000000ULL)
+		return 13;
+	return 14;
+}
+
+/* An exchange user space will not see: counted in `red`. */
+static __noinline void red_count(struct clv_exchange *ex)
+{
+	struct clv_red_key k = {
+		.ifindex = ex->ifindex,
+		.port = ex->sport,
+		.role = ex->role,
+		.method = ex->method,
+		.status = ex->status,
+	};
+	__u64 d = ex->end_ns > ex->start_ns ? ex->end_ns - ex->start_ns : 0;
+	struct clv_red *r = bpf_map_lookup_elem(&red, &k);
+	__u32 b = red_bucket(d);
+
+	if (!r) {
+		struct clv_red zero = {};
+
+		bpf_map_update_elem(&red, &k, &zero, BPF_NOEXIST);
+		r = bpf_map_lookup_elem(&red, &k);
+		if (!r)
+			return;
+	}
+	r->count += 1;
+	r->sum_ns += d;
+	if (b < CLV_RED_BUCKETS)
+		r->buckets[b] += 1;
+}
+
+/* The response ended: one record for the exchange (or, past capacity, a
+ * count in `red`). */
+static __always_inline void finish(struct clv_conn *c)
+{
+	__u64 rl = c->ex.req_head_len, sl = c->ex.resp_head_len, size, shed = settings.shed_bytes;
+
+	c->phase = CLV_PHASE_IDLE;
+	c->ex.phase = 0;
+	if (rl > held_req() || sl > held_resp())
+		return;
+	size = sizeof(c->ex) + rl + sl;
+	if (shed && bpf_ringbuf_query(&events, BPF_RB_RING_SIZE) -
+				bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) <
+			    shed + size) {
+		count(CLV_CNT_SHED);
+		red_count(&c->ex);
+		return;
+	}
+	if (output(&c->ex, size))
+		count(CLV_CNT_EXCHANGES);
+	else
+		red_count(&c->ex);
+}
+
+/* A request segment of a paired connection. */
+static __always_inline int on_request(struct __sk_buff *skb, struct clv_pkt *p,
+				      struct clv_conn *c, __u64 now, __u8 hook)
+{
+	__u32 seq = bpf_ntohl(p->seq), ack = bpf_ntohl(p->ack), len = p->payload_len;
+	__u32 behind = c->req_next - seq, zero = 0;
+	__u64 held = held_req(), n, hl;
+	__s32 d = seq - c->req_next;
+	__u16 gso = gso_of(skb);
+	struct clv_scan *sc;
+	__s64 cl, extra;
+	int net_off;
+
+	if (c->phase == CLV_PHASE_REQUEST) {
+		/* body bytes, counted by sequence number */
+		if (d < 0) {
+			if (behind >= len)
+				return CLV_IGNORED;
+			len -= behind; /* a retransmission that brings new bytes too */
+		} else if (d > 0) {
+			return CLV_HO_ORDER;
+		}
+		if (len > c->req_left)
+			return CLV_HO_PIPELINE;
+		c->req_left -= len;
+		c->req_next += len;
+		c->ex.req_bytes += len;
+		c->ex.req_packets += gso;
+		c->req_body_ts = now;
+		c->req_body_ack = ack;
+		if (!c->req_left) {
+			c->phase = CLV_PHASE_WAIT;
+			c->ex.phase = CLV_PHASE_WAIT;
+		}
+		return CLV_TAKEN;
+	}
+	if (d < 0 && behind >= len)
+		return CLV_IGNORED;
+	if (c->phase != CLV_PHASE_IDLE)
+		return CLV_HO_PIPELINE; /* a request while an exchange is pending */
+	if (d != 0)
+		return CLV_HO_ORDER;
+	/* a request head starts here, and must end within the held bytes */
+	n = len < held ? len : held;
+	barrier_var(n);
+	if (n < 18 || n > CLV_REQ_HEAD_MAX)
+		return CLV_HO_REQUEST;
+	sc = bpf_map_lookup_elem(&heads, &zero);
+	if (!sc)
+		return CLV_HO_REQUEST;
+	net_off = find_net_off(skb, p->l3head);
+	if (load_l3(skb, net_off, p->payload_off, c->data, n))
+		return CLV_HO_REQUEST;
+	if (clv_parse_request(c, sc, n, held))
+		return CLV_HO_REQUEST;
+	hl = sc->len;
+	cl = sc->body < 0 ? 0 : sc->body;
+	extra = (__s64)len - (__s64)hl;
+	if (extra > cl)
+		return CLV_HO_PIPELINE; /* bytes beyond the request */
+	hold_seg(&c->req_seg, now, seq, ack, len, gso, p->flags, hook);
+	c->req_next = seq + len;
+	c->req_left = cl - extra;
+	c->req_body_ts = now;
+	c->req_body_ack = ack;
+	c->phase = c->req_left ? CLV_PHASE_REQUEST : CLV_PHASE_WAIT;
+	c->ex.phase = c->phase;
+	c->ex.method = sc->method;
+	c->ex.status = 0;
+	c->ex.req_head_len = hl;
+	c->ex.resp_head_len = 0;
+	c->ex.req_seq = seq;
+	c->ex.req_ack = ack;
+	c->ex.req_packets = gso;
+	c->ex.resp_packets = 0;
+	c->ex.start_ns = now;
+	c->ex.end_ns = now;
+	c->ex.req_bytes = len;
+	c->ex.resp_bytes = 0;
+	return CLV_TAKEN;
+}
+
+/* A response segment of a paired connection. */
+static __always_inline int on_response(struct __sk_buff *skb, struct clv_pkt *p,
+				       struct clv_conn *c, __u64 now, __u8 hook)
+{
+	__u32 seq = bpf_ntohl(p->seq), ack = bpf_ntohl(p->ack), len = p->payload_len;
+	__u32 status, behind, zero = 0;
+	__u64 held = held_resp(), n, rl = c->ex.req_head_len, hl;
+	__u16 gso = gso_of(skb);
+	__u8 phase = c->phase;
+	struct clv_scan *sc;
+	__s64 cl, extra;
+	int net_off;
+	__s32 d;
+
+	if (!(c->flags & CLV_CONN_RESP_KNOWN)) {
+		/* Picked up mid-stream: the response stream's position is not
+		 * known.  A response whose ack does not pass the request's
+		 * first byte answers one never seen (as user space decides). */
+		if (phase == CLV_PHASE_IDLE || (__s32)(ack - c->ex.req_seq) <= 0)
+			return CLV_IGNORED;
+		if (phase != CLV_PHASE_WAIT)
+			return CLV_HO_EARLY;
+		/* the answer to a complete request starts here */
+		c->resp_next = seq;
+		c->flags |= CLV_CONN_RESP_KNOWN;
+	}
+	d = seq - c->resp_next;
+	behind = c->resp_next - seq;
+	if (phase == CLV_PHASE_RESPONSE) {
+		if (d < 0) {
+			if (behind >= len)
+				return CLV_IGNORED;
+			len -= behind;
+		} else if (d > 0) {
+			return CLV_HO_ORDER;
+		}
+		if (len > c->resp_left)
+			return CLV_HO_PIPELINE;
+		c->resp_left -= len;
+		c->resp_next += len;
+		c->ex.resp_bytes += len;
+		c->ex.resp_packets += gso;
+		c->ex.end_ns = now;
+		c->resp_body_ts = now;
+		c->resp_body_ack = ack;
+		if (!c->resp_left)
+			finish(c);
+		return CLV_TAKEN;
+	}
+	if (d < 0 && behind >= len)
+		return CLV_IGNORED;
+	if (phase == CLV_PHASE_IDLE)
+		return CLV_HO_RESPONSE; /* a response to no request */
+	if (phase == CLV_PHASE_REQUEST)
+		return CLV_HO_EARLY;
+	if (d != 0)
+		return CLV_HO_ORDER;
+	/* phase WAIT: a response head starts here */
+	if (rl > held_req())
+		return CLV_HO_RESPONSE;
+	n = len < held ? len : held;
+	barrier_var(n);
+	if (n < 16 || n > CLV_RESP_HEAD_MAX)
+		return CLV_HO_RESPONSE;
+	sc = bpf_map_lookup_elem(&heads, &zero);
+	if (!sc)
+		return CLV_HO_RESPONSE;
+	net_off = find_net_off(skb, p->l3head);
+	if (load_l3(skb, net_off, p->payload_off, c->data + rl, n)) /* after the request head */
+		return CLV_HO_RESPONSE;
+	if (clv_parse_response(c, sc, rl, n, held))
+		return CLV_HO_RESPONSE;
+	status = sc->status;
+	cl = sc->body;
+	if (c->ex.method == CLV_METHOD_HEAD || status == 204 || status == 304)
+		cl = 0;
+	else if (cl < 0)
+		return CLV_HO_RESPONSE; /* delimited by the connection closing */
+	hl = sc->len;
+	extra = (__s64)len - (__s64)hl;
+	if (extra > cl)
+		return CLV_HO_PIPELINE;
+	hold_seg(&c->resp_seg, now, seq, ack, len, gso, p->flags, hook);
+	c->flags |= CLV_CONN_RESP_KNOWN;
+	c->resp_next = seq + len;
+	c->resp_left = cl - extra;
+	c->resp_body_ts = now;
+	c->resp_body_ack = ack;
+	c->ex.status = status;
+	c->ex.resp_head_len = hl;
+	c->ex.resp_bytes = len;
+	c->ex.resp_packets = gso;
+	c->ex.end_ns = now;
+	c->phase = CLV_PHASE_RESPONSE;
+	c->ex.phase = CLV_PHASE_RESPONSE;
+	if (!c->resp_left)
+		finish(c);
+	return CLV_TAKEN;
+}
+
+/* The current segment as a clv_segment record (dir/role/proto restored:
+ * the scratch header may have served as a template or a held record). */
+static __always_inline void emit_as(struct __sk_buff *skb, struct clv_pkt *p,
+				    struct clv_scratch *s, __u8 hook, __u8 dir, __u8 role)
+{
+	s->hdr.dir = dir;
+	s->hdr.role = role;
+	s->hdr.proto = CLV_PROTO_HTTP;
+	emit(skb, p, s, hook);
+}
+
+/* A connection handed over (or picked up mid-message): every segment
+ * crosses; the entry only remembers that, until RST or both FINs. */
+static __always_inline void segments(struct __sk_buff *skb, struct clv_pkt *p,
+				     struct clv_scratch *s, __u8 hook, __u8 dir, __u8 role,
+				     struct clv_conn *c, struct clv_conn_key *key)
+{
+	__u8 fin = dir == CLV_DIR_REQUEST ? CLV_CONN_FIN_REQ : CLV_CONN_FIN_RESP;
+	__u8 flags = p->flags;
+
+	emit_as(skb, p, s, hook, dir, role);
+	if (flags & CLV_TCP_RST) {
+		bpf_map_delete_elem(&conns, key);
+	} else if ((flags & CLV_TCP_SYN) && dir == CLV_DIR_REQUEST && !(flags & CLV_TCP_ACK) &&
+		   !p->payload_len) {
+		/* a new connection on the same addresses: unknown again */
+		bpf_map_delete_elem(&conns, key);
+	} else if (flags & CLV_TCP_FIN) {
+		if ((c->flags | fin) == (c->flags | CLV_CONN_FIN_REQ | CLV_CONN_FIN_RESP))
+			bpf_map_delete_elem(&conns, key);
+		else
+			c->flags |= fin;
+	}
+}
+
+/*
+ * A segment of a connection `conns` does not know.  Entries are made by the
+ * first payload, not by the SYN: a connection costs no entry (and a SYN
+ * flood evicts nothing) until it carries data.  A segment that starts with
+ * a request method may start a request head: the connection is paired
+ * from there (the caller frames the head, or hands over at it).  Anything
+ * else leaves the connection to user space, from this segment on.
+ */
+static __always_inline struct clv_conn *unknown(struct __sk_buff *skb, struct clv_pkt *p,
+						struct clv_scratch *s, __u8 hook, __u8 dir,
+						__u8 role, struct clv_conn_key *key)
+{
+	__u64 first = 0, mlen;
+	int net_off;
+
+	if (!p->payload_len)
+		return NULL; /* a SYN, FIN or RST alone: nothing to say yet */
+	if (dir == CLV_DIR_REQUEST && !(p->flags & CLV_TCP_SYN) && p->payload_len >= 18) {
+		net_off = find_net_off(skb, p->l3head);
+		if (!load_l3(skb, net_off, p->payload_off, &first, sizeof(first)) &&
+		    clv_method(first, &mlen) != CLV_METHOD_NONE)
+			return conn_new(key, s, CLV_MODE_PAIRED, bpf_ntohl(p->seq));
+	}
+	conn_new(key, s, CLV_MODE_SEGMENTS, 0);
+	emit_as(skb, p, s, hook, dir, role);
+	return NULL;
+}
+
+/* A segment of a paired connection, with its lock held (released here). */
+static __always_inline void paired(struct __sk_buff *skb, struct clv_pkt *p,
+				   struct clv_scratch *s, __u8 hook, __u8 dir, __u8 role,
+				   struct clv_conn *c, struct clv_conn_key *key)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u8 flags = p->flags;
+	int rc = CLV_TAKEN;
+
+	c->last_ns = now;
+	if (flags & CLV_TCP_SYN) {
+		if (p->payload_len) {
+			rc = CLV_HO_REQUEST; /* TCP Fast Open: user space frames it */
+		} else if (c->phase != CLV_PHASE_IDLE) {
+			rc = dir == CLV_DIR_REQUEST ? CLV_HO_REUSE : CLV_HO_ORDER;
+		} else if (dir == CLV_DIR_REQUEST) {
+			c->req_next = bpf_ntohl(p->seq) + 1; /* (again: a new connection) */
+			c->flags = 0;
+		} else {
+			c->resp_next = bpf_ntohl(p->seq) + 1;
+			c->flags |= CLV_CONN_RESP_KNOWN;
+		}
+	} else if (p->payload_len) {
+		rc = dir == CLV_DIR_REQUEST ? on_request(skb, p, c, now, hook)
+					    : on_response(skb, p, c, now, hook);
+	}
+	if (rc <= 0 && (flags & (CLV_TCP_FIN | CLV_TCP_RST))) {
+		if (c->phase == CLV_PHASE_IDLE) {
+			/* the connection ends with nothing pending */
+			c->mode = CLV_MODE_DEAD;
+			conn_unlock(c);
+			bpf_map_delete_elem(&conns, key);
+			return;
+		}
+		/* its payload (if any) is held now and goes again below: user
+		 * space drops the copy by sequence number */
+		rc = CLV_HO_END;
+	}
+	if (rc <= 0) {
+		if (!conn_unlock(c))
+			return;
+		/* a CPU gave up waiting and sent its segment: hand over */
+		if (!conn_lock(c))
+			return;
+		handover(c, s, key, CLV_HO_CONTENDED, now);
+		c->mode = CLV_MODE_SEGMENTS;
+		c->phase = CLV_PHASE_IDLE;
+		conn_unlock(c);
+		return;
+	}
+	handover(c, s, key, rc, now);
+	emit_as(skb, p, s, hook, dir, role);
+	c->phase = CLV_PHASE_IDLE;
+	if (flags & CLV_TCP_RST) {
+		c->mode = CLV_MODE_DEAD;
+		conn_unlock(c);
+		bpf_map_delete_elem(&conns, key);
+		return;
+	}
+	if (flags & CLV_TCP_FIN)
+		c->flags |= dir == CLV_DIR_REQUEST ? CLV_CONN_FIN_REQ : CLV_CONN_FIN_RESP;
+	c->mode = CLV_MODE_SEGMENTS;
+	conn_unlock(c);
+}
+
+static __always_inline void http(struct __sk_buff *skb, struct clv_pkt *p, struct clv_scratch *s,
+				 __u8 hook)
+{
+	struct clv_conn_key key;
+	struct clv_conn *c;
+	__u8 dir = s->hdr.dir, role = s->hdr.role;
+
+	conn_key(skb->ifindex, p, dir, role, &key);
+	c = bpf_map_lookup_elem(&conns, &key);
+	if (!c) {
+		c = unknown(skb, p, s, hook, dir, role, &key);
+		if (!c)
+			return;
+	}
+	if (*(volatile __u8 *)&c->mode != CLV_MODE_PAIRED) {
+		segments(skb, p, s, hook, dir, role, c, &key);
+		return;
+	}
+	if (!conn_lock(c)) {
+		/* the holder hands over when it unlocks; this segment goes now */
+		count(CLV_CNT_HO_CONTENDED);
+		emit_as(skb, p, s, hook, dir, role);
+		return;
+	}
+	if (c->mode != CLV_MODE_PAIRED || !same_key(&c->ex, &key)) {
+		/* handed over meanwhile, or the element now holds another key */
+		conn_unlock(c);
+		emit_as(skb, p, s, hook, dir, role);
+		return;
+	}
+	paired(skb, p, s, hook, dir, role, c, &key);
 }
 
 static __always_inline int classify(struct __sk_buff *skb, __u8 hook)
@@ -477,7 +1221,10 @@ static __always_inline int classify(struct __sk_buff *skb, __u8 hook)
 	if (!match(skb->ifindex, &p, &s->hdr))
 		return TC_ACT_UNSPEC;
 	count(CLV_CNT_MATCHED);
-	emit(skb, &p, s, hook);
+	if (settings.pair_http && s->hdr.proto == CLV_PROTO_HTTP)
+		http(skb, &p, s, hook);
+	else
+		emit(skb, &p, s, hook);
 	return TC_ACT_UNSPEC;
 }
 

@@ -207,6 +207,12 @@ def _add_tracer_flags(p: argparse.ArgumentParser) -> None:
                         "(default 30)")
     p.add_argument("--attach-mode", choices=("auto", "tcx", "clsact"), default="auto",
                    help="TCX links (kernel >= 6.6) or the clsact fallback (default auto)")
+    p.add_argument("--no-kernel-pairing", action="store_true",
+                   help="send every HTTP segment to user space instead of pairing the "
+                        "exchanges the classifier can frame exactly")
+    p.add_argument("--shed-bytes", type=int, default=None, metavar="N",
+                   help="shed exchange records (count them in the kernel only) while less "
+                        "ring space than this is free (default an eighth of the ring; 0: never)")
 
 
 def _tracer_settings(args: argparse.Namespace) -> TracerSettings:
@@ -216,11 +222,16 @@ def _tracer_settings(args: argparse.Namespace) -> TracerSettings:
 
     if not 0 < args.capture_bytes <= CLV_CAPTURE_MAX:
         raise UsageError(f"--capture-bytes must be between 1 and {CLV_CAPTURE_MAX}")
+    ring = TracerSettings().ring_bytes
+    if args.shed_bytes is not None and not 0 <= args.shed_bytes < ring:
+        raise UsageError(f"--shed-bytes must be between 0 and {ring - 1}")
     return TracerSettings(
         capture_bytes=args.capture_bytes,
         attach_mode=args.attach_mode,
         limits=Limits(idle_timeout_ns=int(args.idle_timeout * 1e9)),
         redact_all_query=args.redact_query == "all",
+        kernel_pairing=not args.no_kernel_pairing,
+        shed_bytes=args.shed_bytes,
     )
 
 

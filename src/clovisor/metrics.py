@@ -30,7 +30,9 @@ Agent health, read from the runtime at scrape time (see
 :meth:`Metrics.register_health`), named in :data:`HEALTH_METRICS`:
 ``clovisor_segments_total``, ``clovisor_events_lost_total``,
 ``clovisor_parse_errors_total``, ``clovisor_malformed_records_total``,
-``clovisor_sessions_emitted_total``, ``clovisor_connections_evicted_total``,
+``clovisor_sessions_emitted_total``, ``clovisor_exchanges_paired_total``,
+``clovisor_exchanges_shed_total``, ``clovisor_handovers_total``,
+``clovisor_connections_evicted_total``,
 ``clovisor_lost_responses_total``, ``clovisor_spans_exported_total``,
 ``clovisor_spans_failed_total``,
 ``clovisor_spans_dropped_total``, ``clovisor_spans_sampled_out_total``,
@@ -134,6 +136,21 @@ HEALTH_METRICS: Final[Mapping[str, tuple[str, str, str]]] = {
         "Ring-buffer records that did not decode.",
     ),
     "sessions": ("clovisor_sessions_emitted", "counter", "Sessions the tracker emitted."),
+    "exchanges_paired": (
+        "clovisor_exchanges_paired",
+        "counter",
+        "HTTP exchanges the classifier paired in the kernel (one record each).",
+    ),
+    "exchanges_shed": (
+        "clovisor_exchanges_shed",
+        "counter",
+        "Exchange records shed in the kernel past capacity (counted in its RED map only).",
+    ),
+    "handovers": (
+        "clovisor_handovers",
+        "counter",
+        "HTTP connections the classifier handed over to the user-space framer.",
+    ),
     "connections_evicted": (
         "clovisor_connections_evicted",
         "counter",

@@ -26,7 +26,7 @@ from typing import Literal
 from opentelemetry.sdk.resources import Resource
 
 from .clock import MonotonicToWall
-from .core.events import Segment, Session
+from .core.events import Outcome, Record, Session
 from .core.tracker import Limits, ParserLookup, Tracker
 from .export import Exporter
 from .export.ids import FastIdGenerator
@@ -34,7 +34,7 @@ from .export.record import SpanRecord
 from .export.spans import session_to_span
 from .kernel.abi import CLV_WAKEUP_NEVER
 from .kernel.attach import Attachment, attach
-from .kernel.loader import BpfObject
+from .kernel.loader import BpfObject, RedKey, RedValue
 from .kernel.ringbuf import RingReader
 from .specs import EgressSpec, PortSpec, SpecError
 
@@ -58,6 +58,10 @@ IDLE_INTERVAL_MS = 40
 SLICE_RECORDS = 64
 MAX_SLICE_RECORDS = 4096
 BACKLOG_BYTES = 64 << 10  # more than this queued in the ring: the tracer is behind
+# Connection entries of the kernel looked at per advance (every 250 ms) for
+# exchanges it holds past the idle timeout: a bounded number of syscalls per
+# pass; the whole table (16,384 entries at most) within 8 s.
+IDLE_SCAN_KEYS = 512
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +74,12 @@ class TracerSettings:
     limits: Limits = field(default_factory=Limits)
     bpf_object: Path | None = None
     redact_all_query: bool = False  # --redact-query all
+    # The classifier pairs the HTTP/1.x exchanges it can frame exactly (one
+    # record per exchange); False: every segment crosses (--no-kernel-pairing).
+    kernel_pairing: bool = True
+    # Exchange records are shed (counted in the kernel's RED map only) while
+    # less ring space than this is free; None: an eighth of the ring.
+    shed_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,11 +105,15 @@ class Totals:
     parse_errors: int
     malformed_records: int
     export_failures: int
+    exchanges: int = 0  # exchanges the kernel paired (their records, and held ones ended)
+    exchanges_shed: int = 0  # exchange records shed in the kernel (counted in its RED map)
 
     def __str__(self) -> str:
         return (
             f"segments seen {self.segments}, events lost {self.events_lost}, "
-            f"sessions emitted {self.sessions}, parse errors {self.parse_errors}"
+            f"sessions emitted {self.sessions}, parse errors {self.parse_errors}, "
+            f"exchanges paired {self.exchanges}"
+            + (f", exchanges shed {self.exchanges_shed}" if self.exchanges_shed else "")
             + (f", malformed records {self.malformed_records}" if self.malformed_records else "")
             + (f", export failures {self.export_failures}" if self.export_failures else "")
         )
@@ -175,6 +189,9 @@ class Tracer:
                 capture_bytes=st.capture_bytes,
                 ring_bytes=st.ring_bytes,
                 wakeup_bytes=CLV_WAKEUP_NEVER,
+                pair_http=st.kernel_pairing,
+                max_connections=st.limits.max_connections,
+                shed_bytes=st.ring_bytes // 8 if st.shed_bytes is None else st.shed_bytes,
             )
             self._reader = RingReader(self._obj, max_records=SLICE_RECORDS)
         except BaseException:
@@ -211,6 +228,8 @@ class Tracer:
             parse_errors=self.tracker.stats.parse_errors,
             malformed_records=self._reader.malformed if self._reader is not None else 0,
             export_failures=self.export_failures,
+            exchanges=self.tracker.stats.exchanges,
+            exchanges_shed=counters.get("shed", 0),
         )
 
     # -- targets ---------------------------------------------------------------------
@@ -330,7 +349,7 @@ class Tracer:
         except Exception:
             log.exception("ring reader failed")
 
-    def _track_slice(self, segs: list[Segment]) -> None:
+    def _track_slice(self, segs: list[Record]) -> None:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # the tracker's "now"
         if segs or now - self._last_advance >= _ADVANCE_NS:
             self._export(self._guarded(lambda: self._track(segs, now)))
@@ -344,18 +363,34 @@ class Tracer:
             log.exception("tracker: handling a batch failed")
             return []
 
-    def _track(self, segs: list[Segment], now_ns: int) -> list[SpanRecord]:
+    def _track(self, segs: list[Record], now_ns: int) -> list[SpanRecord]:
         self._beat("tracker")
         tracker = self.tracker
         sessions = tracker.feed_many(segs) if segs else []
         if now_ns - self._last_advance >= _ADVANCE_NS:
             self._last_advance = now_ns
             sessions += tracker.advance(now_ns)
+            obj = self._obj
+            if obj is not None and obj.pair_http:
+                # requests the kernel holds time out like the ones held here
+                idle = self.settings.limits.idle_timeout_ns
+                held = obj.take_idle_exchanges(now_ns, idle, IDLE_SCAN_KEYS)
+                if held:
+                    sessions += tracker.end_held(held, Outcome.TIMEOUT, now_ns)
             self._clock.resample_if_due()
         return self._spans(sessions)
 
     def _flush(self) -> list[SpanRecord]:
-        return self._spans(self.tracker.close())
+        # The hooks are detached and the ring drained: what the kernel still
+        # holds is all there is.
+        obj = self._obj
+        held = obj.held_exchanges() if obj is not None and obj.pair_http else []
+        return self._spans(self.tracker.close(held))
+
+    def red_metrics(self) -> dict[RedKey, RedValue]:
+        """The kernel's RED series: exchanges whose record never reached user space
+        (lost or shed past capacity); every other exchange is a session here."""
+        return self._obj.red_metrics() if self._obj is not None else {}
 
     def _spans(self, sessions: list[Session]) -> list[SpanRecord]:
         if not sessions:
@@ -398,6 +433,9 @@ class Tracer:
             "parse_errors": t.parse_errors,
             "malformed_records": t.malformed_records,
             "sessions": t.sessions,
+            "exchanges_paired": t.exchanges,
+            "exchanges_shed": t.exchanges_shed,
+            "handovers": stats.handovers,
             "connections_evicted": stats.evicted,
             "lost_responses": stats.lost_responses,
             "tracked_connections": len(self.tracker),

@@ -44,7 +44,8 @@ TRACER_STOP_TIMEOUT = 15.0
 
 TOTALS_RE = re.compile(
     r"segments seen (?P<segments>\d+), events lost (?P<events_lost>\d+), "
-    r"sessions emitted (?P<sessions>\d+), parse errors (?P<parse_errors>\d+)"
+    r"sessions emitted (?P<sessions>\d+), parse errors (?P<parse_errors>\d+), "
+    r"exchanges paired (?P<exchanges>\d+)"
 )
 
 # --- nginx ---

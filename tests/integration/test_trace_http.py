@@ -11,12 +11,15 @@ import itertools
 import os
 import random
 import re
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.integration.conftest import (
     BIG_FILE_BYTES,
     PORT,
@@ -62,6 +65,12 @@ SERVERS = {
 @pytest.fixture(params=sorted(SERVERS))
 def server(request: pytest.FixtureRequest) -> Server:
     return SERVERS[request.param]
+
+
+# The classifier pairs what it frames exactly (the default); the same traffic
+# with every segment sent to user space must give the same spans.
+both_paths = pytest.mark.parametrize("pairing", [(), ("--no-kernel-pairing",)],
+                                     ids=["kernel-pairing", "segments"])
 
 
 def url(net: Net, pod: str, path: str, *, v6: bool = False) -> str:
@@ -149,10 +158,11 @@ def test_default_service_name_is_the_interface(net: Net, tracer: TracerFactory) 
 # --- keep-alive, pipelining, wrk ---
 
 
+@both_paths
 def test_keepalive_several_urls_one_connection(
-    net: Net, tracer: TracerFactory, server: Server
+    net: Net, tracer: TracerFactory, server: Server, pairing: tuple[str, ...]
 ) -> None:
-    t = tracer(net.topo.pods[server.pod].host_ifname)
+    t = tracer(net.topo.pods[server.pod].host_ifname, *pairing)
     paths = [server.ok + "?n=1", server.notfound + "?n=2", server.ok + "?n=3",
              server.nocontent + "?n=4", server.fail + "?n=5"]
     net.curl(*(url(net, server.pod, p) for p in paths))
@@ -238,13 +248,15 @@ def test_http10_close_delimited_response(net: Net, tracer: TracerFactory) -> Non
 # --- bodies ---
 
 
-def test_head_204_304_on_keepalive(net: Net, tracer: TracerFactory) -> None:
+@both_paths
+def test_head_204_304_on_keepalive(net: Net, tracer: TracerFactory,
+                                   pairing: tuple[str, ...]) -> None:
     """Bodiless responses must not make the tracer wait for a body that never comes."""
     head = net.curl("-sS", "-D", "-", "-o", "/dev/null", url(net, "nginx", "/index.txt")).stdout
     hdrs = dict(re.findall(rb"(?im)^([a-z-]+): (.*?)\r$", head))
     etag, lastmod = hdrs[b"ETag"].decode(), hdrs[b"Last-Modified"].decode()
 
-    t = tracer(net.nginx.host_ifname)
+    t = tracer(net.nginx.host_ifname, *pairing)
     host = f"Host: {net.nginx.ipv4}\r\n"
     reqs = [
         (f"HEAD /big.bin HTTP/1.1\r\n{host}\r\n", True),
@@ -306,8 +318,10 @@ def test_chunked_response_then_keepalive(net: Net, tracer: TracerFactory, source
     assert spans[0].end_ns <= spans[1].start_ns
 
 
-def test_content_length_download_5mb(net: Net, tracer: TracerFactory, server: Server) -> None:
-    t = tracer(net.topo.pods[server.pod].host_ifname)
+@both_paths
+def test_content_length_download_5mb(net: Net, tracer: TracerFactory, server: Server,
+                                     pairing: tuple[str, ...]) -> None:
+    t = tracer(net.topo.pods[server.pod].host_ifname, *pairing)
     proc = net.curl("-o", "/dev/null", "-w", "%{size_download}",
                     url(net, server.pod, server.big), url(net, server.pod, server.ok))
     assert proc.stdout.decode().startswith(str(BIG_FILE_BYTES)), proc.stdout
@@ -378,9 +392,11 @@ def test_request_header_larger_than_a_segment(net: Net, tracer: TracerFactory) -
 # --- addressing and kinds ---
 
 
-def test_ipv6(net: Net, tracer: TracerFactory, server: Server) -> None:
+@both_paths
+def test_ipv6(net: Net, tracer: TracerFactory, server: Server,
+              pairing: tuple[str, ...]) -> None:
     pod = net.topo.pods[server.pod]
-    t = tracer(pod.host_ifname)
+    t = tracer(pod.host_ifname, *pairing)
     net.curl("-g", url(net, server.pod, server.ok + "?v=6", v6=True),
              url(net, server.pod, server.notfound, v6=True))
     net.curl(url(net, server.pod, server.ok + "?v=4"))
@@ -427,13 +443,15 @@ def test_egress_gives_client_spans(net: Net, tracer: TracerFactory) -> None:
 # --- joining late, failures ---
 
 
-def test_connection_open_before_tracer_starts(net: Net, tracer: TracerFactory) -> None:
+@both_paths
+def test_connection_open_before_tracer_starts(net: Net, tracer: TracerFactory,
+                                              pairing: tuple[str, ...]) -> None:
     host = f"Host: {net.nginx.ipv4}\r\n"
     with net.client_socket(net.nginx.ipv4) as s:
         f = s.makefile("rb")
         s.sendall(f"GET /hello?before=1 HTTP/1.1\r\n{host}\r\n".encode())
         assert read_response(f).status == 200
-        t = tracer(net.nginx.host_ifname)
+        t = tracer(net.nginx.host_ifname, *pairing)
         s.sendall(f"GET /index.txt?after=1 HTTP/1.1\r\n{host}X-Request-Id: late\r\n\r\n"
                   .encode())
         r = read_response(f)
@@ -485,6 +503,31 @@ def test_idle_request_times_out(net: Net, tracer: TracerFactory) -> None:
     assert span.status_code == STATUS_ERROR
     assert "http.response.status_code" not in span.attrs
     assert span.end_ns - span.start_ns >= 0.8e9, span
+
+
+def unacked(sock: socket.socket) -> int:
+    """Segments sent and not yet acknowledged (struct tcp_info's tcpi_unacked)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int(struct.unpack_from("I", info, 24)[0])
+
+
+@both_paths
+def test_pending_request_at_shutdown(net: Net, tracer: TracerFactory,
+                                     pairing: tuple[str, ...]) -> None:
+    """A request still waiting when the tracer stops is a span too (held in the kernel
+    when it pairs: read from its map after the hooks are gone)."""
+    t = tracer(net.py.host_ifname, *pairing)
+    with net.client_socket(net.py.ipv4) as s:
+        s.sendall(f"GET /slow/10?stop=1 HTTP/1.1\r\nHost: {net.py.ipv4}\r\n\r\n".encode())
+        # the server acknowledged the request: it has passed the hook
+        assert wait_until(lambda: unacked(s) == 0, timeout=5.0)
+        rc = t.stop()
+    assert rc == 0, t.stderr
+    (span,) = t.spans()
+    assert span["url.query"] == "stop=1"
+    assert span["clovisor.outcome"] == "shutdown"
+    assert "http.response.status_code" not in span.attrs
+    assert t.totals["exchanges"] == (0 if pairing else 1)
 
 
 def test_garbage_does_not_crash(net: Net, tracer: TracerFactory) -> None:

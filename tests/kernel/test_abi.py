@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clovisor.core.events import Direction, Protocol, Role, Segment
+from clovisor.core.events import Direction, Phase, Protocol, Role, Segment
 from clovisor.kernel import abi
 from clovisor.kernel.loader import DEFAULT_OBJECT
 
@@ -29,6 +29,8 @@ CONSTANTS = {
     "CLV_CAPTURE_MAX": abi.CLV_CAPTURE_MAX,
     "CLV_TAIL_LEN": abi.CLV_TAIL_LEN,
     "CLV_EV_SEGMENT": abi.CLV_EV_SEGMENT,
+    "CLV_EV_EXCHANGE": abi.CLV_EV_EXCHANGE,
+    "CLV_EV_HANDOVER": abi.CLV_EV_HANDOVER,
     "CLV_DIR_REQUEST": Direction.REQUEST,
     "CLV_DIR_RESPONSE": Direction.RESPONSE,
     "CLV_ROLE_SERVER": Role.SERVER,
@@ -49,6 +51,24 @@ CONSTANTS = {
     "CLV_CNT__MAX": abi.CLV_CNT__MAX,
     "CLV_WAKEUP_NEVER": abi.CLV_WAKEUP_NEVER,
     **{f"CLV_CNT_{c.name}": c.value for c in abi.Counter},
+    **{f"CLV_METHOD_{m.name}": m.value for m in abi.Method},
+    **{f"CLV_HO_{r.name}": r.value for r in abi.HandoverReason},
+    "CLV_HO__MAX": abi.CLV_HO__MAX,
+    **{f"CLV_PHASE_{p.name}": p.value for p in Phase if p is not Phase.COMPLETE},
+    "CLV_MODE_PAIRED": abi.CLV_MODE_PAIRED,
+    "CLV_MODE_SEGMENTS": abi.CLV_MODE_SEGMENTS,
+    "CLV_MODE_DEAD": abi.CLV_MODE_DEAD,
+    "CLV_SYNC_REQUEST": abi.CLV_SYNC_REQUEST,
+    "CLV_SYNC_RESPONSE": abi.CLV_SYNC_RESPONSE,
+    "CLV_RESP_HEAD_MAX": abi.CLV_RESP_HEAD_MAX,
+    "CLV_REQ_HEAD_MAX": abi.CLV_REQ_HEAD_MAX,
+    "CLV_SCAN_SLACK": abi.CLV_SCAN_SLACK,
+    "CLV_HELD_BYTES": abi.CLV_HELD_BYTES,
+    "CLV_BODY_MAX": abi.CLV_BODY_MAX,
+    "CLV_CONN_RESP_KNOWN": abi.CLV_CONN_RESP_KNOWN,
+    "CLV_CONN_FIN_REQ": abi.CLV_CONN_FIN_REQ,
+    "CLV_CONN_FIN_RESP": abi.CLV_CONN_FIN_RESP,
+    "CLV_RED_BUCKETS": abi.CLV_RED_BUCKETS,
 }
 
 
@@ -156,8 +176,12 @@ def test_btf_of_the_object_matches() -> None:
         size, members = btf[name]
         assert size == ctypes.sizeof(struct), name
         assert members == [(f, getattr(struct, f).offset * 8) for f, _ in struct._fields_], name
-    # the ring record, the map keys and the settings must all be there
-    for must in ("clv_segment", "clv_port_key", "clv_egress_key", "clv_match", "clv_settings"):
+    # the ring record, the maps' keys and values and the settings must all be there
+    # (the exchange and handover records are built in map values and ring memory;
+    # the C compiler checks them above)
+    for must in ("clv_segment", "clv_port_key", "clv_egress_key", "clv_match", "clv_settings",
+                 "clv_conn_key", "clv_conn", "clv_held_seg", "clv_exchange", "clv_red_key",
+                 "clv_red"):
         assert must in btf, must
 
 

@@ -73,6 +73,70 @@ class Segment(NamedTuple):
     packets: int = 1  # wire packets this segment stands for (GSO)
 
 
+class Phase(enum.IntEnum):
+    """Where an exchange held in the kernel stands (clv_phase); COMPLETE once paired."""
+
+    COMPLETE = 0
+    REQUEST = 1  # request head seen, body bytes to come
+    WAIT = 2  # request complete, no response yet
+    RESPONSE = 3  # response head seen, body bytes to come
+
+
+class Exchange(NamedTuple):
+    """An HTTP/1.x exchange the classifier paired itself (a clv_exchange record).
+
+    ``request_head`` and ``response_head`` are the whole header blocks; bytes
+    and packets are counted by sequence number like a :class:`Segment`'s.
+    ``phase`` is COMPLETE for a ring record; an exchange still held in the
+    kernel (read for the idle timeout or at shutdown) says how far it got.
+    """
+
+    start_ns: int  # first request byte
+    end_ns: int  # last response byte (held: the last segment so far)
+    ifindex: int
+    role: Role
+    family: int
+    client_addr: bytes  # 4 or 16 bytes
+    client_port: int
+    server_addr: bytes
+    server_port: int
+    method: int  # clv_method: 0 none, 1 GET, 2 HEAD, 3 POST, 4 PUT, 5 DELETE, ...
+    status: int  # 0: no response head
+    req_seq: int  # sequence number of the first request byte
+    req_ack: int  # the ack number the request carried
+    request_bytes: int
+    request_packets: int
+    response_bytes: int
+    response_packets: int
+    request_head: bytes
+    response_head: bytes = b""
+    phase: Phase = Phase.COMPLETE
+
+
+class Handover(NamedTuple):
+    """The classifier stopped pairing a connection (a clv_handover record).
+
+    Its segments follow, from the boundaries given here: the first byte of
+    the pending (or next) message of each direction, None where unknown.
+    """
+
+    ts_ns: int
+    ifindex: int
+    role: Role
+    family: int
+    client_addr: bytes
+    client_port: int
+    server_addr: bytes
+    server_port: int
+    reason: int  # clv_handover_reason
+    req_seq: int | None
+    resp_seq: int | None
+
+
+# What the ring carries, and the tracker takes.
+Record = Segment | Exchange | Handover
+
+
 class Outcome(enum.Enum):
     """How a session ended."""
 

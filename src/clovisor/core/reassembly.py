@@ -141,6 +141,13 @@ class HalfStream:
             self._next_abs = 0
             self.syn_seen = True
 
+    def anchor(self, seq: int) -> None:
+        """The stream's data at offset 0 begins at ``seq`` (a message boundary the
+        classifier reported when it handed the connection over)."""
+        if self._next_seq is None:
+            self._next_seq = seq % _MOD
+            self._next_abs = 0
+
     def take_next(self, seq: int, length: int) -> int | None:
         """The offset of a segment that is next in order with nothing held, else None.
 

@@ -329,6 +329,7 @@ class HttpConnection(Connection):
         max_pending: int = 64,
         max_header_bytes: int = 65536,
         fast_path: bool = True,
+        synced_response: bool | None = None,
     ) -> None:
         super().__init__(endpoints, limits, stats, out)
         self._fast = fast_path
@@ -342,7 +343,7 @@ class HttpConnection(Connection):
         self._resp_framer = Framer(
             Kind.RESPONSE,
             self,
-            synced=synced,
+            synced=synced if synced_response is None else synced_response,
             max_header_bytes=max_header_bytes,
             budget=stats.budget,
         )

@@ -1,4 +1,9 @@
-"""The core's entry point: segments of many connections in, sessions out."""
+"""The core's entry point: segments of many connections in, sessions out.
+
+With pairing in the kernel, the records also carry exchanges the classifier
+paired (each one a session at once) and handovers: the classifier stops
+pairing a connection, and its segments follow from the boundaries given.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .budget import Budget
-from .events import SYN, Direction, Outcome, Protocol, Segment, Session
+from .events import (
+    SYN,
+    Direction,
+    Exchange,
+    Handover,
+    Outcome,
+    Protocol,
+    Record,
+    Role,
+    Segment,
+    Session,
+)
+from .exchange import exchange_session
 from .reassembly import ReassemblyLimits, seq_diff
 from .sessions import (
     Connection,
@@ -39,10 +56,20 @@ class Limits:
 class TrackerStats:
     """Totals for the operator (``clovisor trace`` prints them at exit)."""
 
-    __slots__ = ("_conn_stats", "connections", "evicted", "segments", "sessions")
+    __slots__ = (
+        "_conn_stats",
+        "connections",
+        "evicted",
+        "exchanges",
+        "handovers",
+        "segments",
+        "sessions",
+    )
 
     def __init__(self, conn_stats: Stats) -> None:
         self.segments = 0
+        self.exchanges = 0  # exchanges paired in the kernel (records, and held ones ended here)
+        self.handovers = 0  # connections the kernel handed over
         self.sessions = 0
         self.connections = 0  # connections ever tracked
         self.evicted = 0  # dropped because the table was full
@@ -76,6 +103,8 @@ class TrackerStats:
     def as_dict(self) -> dict[str, int]:
         return {
             "segments": self.segments,
+            "exchanges": self.exchanges,
+            "handovers": self.handovers,
             "sessions": self.sessions,
             "connections": self.connections,
             "evicted": self.evicted,
@@ -115,14 +144,25 @@ class Tracker:
     def __len__(self) -> int:
         return len(self._conns)
 
-    def feed(self, seg: Segment) -> list[Session]:
-        """Process one segment; return the sessions it completed."""
-        self._feed(seg)
+    def feed(self, record: Record) -> list[Session]:
+        """Process one record; return the sessions it completed."""
+        return self.feed_many((record,))
+
+    def feed_many(self, records: Iterable[Record]) -> list[Session]:
+        for rec in records:
+            if type(rec) is Segment:
+                self._feed(rec)
+            elif type(rec) is Exchange:
+                self._exchange(rec, Outcome.COMPLETE, None)
+            else:
+                assert type(rec) is Handover
+                self._handover(rec)
         return self._take()
 
-    def feed_many(self, segments: Iterable[Segment]) -> list[Session]:
-        for seg in segments:
-            self._feed(seg)
+    def end_held(self, held: Iterable[Exchange], outcome: Outcome, now_ns: int) -> list[Session]:
+        """Exchanges the kernel held and gave up on (``outcome``, decided at ``now_ns``)."""
+        for ex in held:
+            self._exchange(ex, outcome, now_ns)
         return self._take()
 
     def advance(self, now_ns: int) -> list[Session]:
@@ -142,11 +182,14 @@ class Tracker:
                 conn.expire(now_ns)
         return self._take()
 
-    def close(self) -> list[Session]:
-        """The tracer is stopping: every pending request becomes a session."""
+    def close(self, held: Iterable[Exchange] = ()) -> list[Session]:
+        """The tracer is stopping: every pending request becomes a session,
+        the ones the kernel still ``held`` too."""
         for conn in self._conns.values():
             conn.flush_and_end(Outcome.SHUTDOWN, max(self._now, conn.last_ts))
         self._conns.clear()
+        for ex in held:
+            self._exchange(ex, Outcome.SHUTDOWN, max(self._now, ex.end_ns))
         return self._take()
 
     # -- internals ---------------------------------------------------------------
@@ -191,24 +234,74 @@ class Tracker:
             conns.pop(key, None)
             conn.release()
 
-    def _new_connection(self, key: ConnKey, seg: Segment) -> Connection:
+    def _exchange(self, ex: Exchange, outcome: Outcome, end_ns: int | None) -> None:
+        self.stats.exchanges += 1
+        if ex.end_ns > self._now:
+            self._now = ex.end_ns
+        session = exchange_session(
+            ex, self._addr(ex.client_addr), self._addr(ex.server_addr),
+            outcome=outcome, end_ns=end_ns,
+        )  # fmt: skip
+        if session is None:
+            self._conn_stats.parse_errors += 1
+        else:
+            self._out.append(session)
+
+    def _handover(self, h: Handover) -> None:
+        """The kernel stops pairing a connection: frame it here from its boundaries."""
+        self.stats.handovers += 1
+        if h.ts_ns > self._now:
+            self._now = h.ts_ns
+        key = (h.ifindex, h.role, h.client_addr, h.client_port, h.server_addr, h.server_port)
+        stale = self._conns.pop(key, None)
+        if stale is not None:
+            stale.flush_and_end(Outcome.CLOSED, h.ts_ns)
+        self._make_room(h.ts_ns)
+        lim = self.limits
+        conn = HttpConnection(
+            self._endpoints(key, h.role, Protocol.HTTP, h.family),
+            lim.reassembly,
+            self._conn_stats,
+            self._out,
+            synced=h.req_seq is not None,
+            synced_response=h.resp_seq is not None,
+            max_pending=lim.max_pending_requests,
+            max_header_bytes=lim.max_header_bytes,
+            fast_path=self._fast_path,
+        )
+        if h.req_seq is not None:
+            conn.req.anchor(h.req_seq)
+        if h.resp_seq is not None:
+            conn.resp.anchor(h.resp_seq)
+        conn.last_ts = h.ts_ns
+        self._conns[key] = conn
+        self.stats.connections += 1
+
+    def _make_room(self, ts_ns: int) -> None:
         conns = self._conns
         if len(conns) >= self.limits.max_connections:
             old_key, old = next(iter(conns.items()))
             del conns[old_key]
-            old.flush_and_end(Outcome.TIMEOUT, seg.ts_ns)
+            old.flush_and_end(Outcome.TIMEOUT, ts_ns)
             self.stats.evicted += 1
+
+    def _endpoints(self, key: ConnKey, role: Role, protocol: int, family: int) -> Endpoints:
         ifindex, _role, client, cport, server, sport = key
-        endpoints = Endpoints(
-            role=seg.role,
-            protocol=seg.protocol,
+        return Endpoints(
+            role=role,
+            protocol=protocol,
             ifindex=ifindex,
-            family=seg.family,
+            family=family,
             client_addr=self._addr(client),
             client_port=cport,
             server_addr=self._addr(server),
             server_port=sport,
         )
+
+    def _new_connection(self, key: ConnKey, seg: Segment) -> Connection:
+        conns = self._conns
+        self._make_room(seg.ts_ns)
+        endpoints = self._endpoints(key, seg.role, seg.protocol, seg.family)
         lim = self.limits
         conn: Connection
         if seg.protocol == Protocol.HTTP:

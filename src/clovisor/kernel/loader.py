@@ -15,21 +15,28 @@ import mmap
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from ..core.events import Protocol
+from ..core.events import Exchange, Protocol
 from . import libbpf
 from .abi import (
     CLV_CAPTURE_MAX,
     CLV_EGRESS_ANY,
     CLV_EGRESS_V4,
     CLV_EGRESS_V6,
+    CLV_MODE_PAIRED,
+    CLV_RED_BUCKETS,
     CLV_WAKEUP_NEVER,
     Counter,
+    clv_conn,
+    clv_conn_key,
     clv_egress_key,
     clv_match,
     clv_port_key,
+    clv_red,
+    clv_red_key,
     clv_settings,
+    decode_exchange_at,
 )
 from .errors import KernelError
 
@@ -40,6 +47,7 @@ PROGRAMS = ("clv_tc_ingress", "clv_tc_egress")
 DEFAULT_RING_BYTES = 4 << 20
 DEFAULT_CAPTURE_BYTES = 512
 DEFAULT_WAKEUP_BYTES = 64 << 10
+DEFAULT_MAX_CONNECTIONS = 16384  # entries of `conns`, like the core's Limits.max_connections
 
 _p = ctypes.c_void_p
 _int = ctypes.c_int
@@ -82,9 +90,11 @@ _update_elem = libbpf.bind("bpf_map_update_elem", _int, _int, _p, _p, ctypes.c_u
 _lookup_elem = libbpf.bind("bpf_map_lookup_elem", _int, _int, _p, _p)
 _delete_elem = libbpf.bind("bpf_map_delete_elem", _int, _int, _p)
 _get_next_key = libbpf.bind("bpf_map_get_next_key", _int, _int, _p, _p)
+_lookup_and_delete = libbpf.bind("bpf_map_lookup_and_delete_elem", _int, _int, _p, _p)
 _num_possible_cpus = libbpf.bind("libbpf_num_possible_cpus", _int)
 
 _BPF_ANY = 0
+_BPF_NOEXIST = 1
 _K = TypeVar("_K", bound=ctypes.Structure)
 # Lines of libbpf's output kept for the error message of a failed load: the
 # verifier's verdict is at the end of its log.
@@ -187,7 +197,11 @@ class BpfObject:
     ``capture_bytes`` is the payload prefix copied per segment (at most
     CLV_CAPTURE_MAX); ``wakeup_bytes`` how much unread ring data wakes the
     reader (0: every record; ``CLV_WAKEUP_NEVER``: nothing does, the reader
-    drains on a timer); ``ring_bytes`` the ring buffer size.
+    drains on a timer); ``ring_bytes`` the ring buffer size. ``pair_http``
+    lets the classifier pair HTTP/1.x exchanges itself (one record per
+    exchange, see ``bpf/clovisor.h``), following at most ``max_connections``
+    connections; ``shed_bytes``: exchange records are shed (and only counted
+    in the RED map) while less ring space than this is free.
     """
 
     def __init__(
@@ -197,6 +211,9 @@ class BpfObject:
         capture_bytes: int = DEFAULT_CAPTURE_BYTES,
         wakeup_bytes: int = DEFAULT_WAKEUP_BYTES,
         ring_bytes: int = DEFAULT_RING_BYTES,
+        pair_http: bool = True,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        shed_bytes: int = 0,
     ) -> None:
         if not 0 <= capture_bytes <= CLV_CAPTURE_MAX:
             raise ValueError(f"capture_bytes {capture_bytes} out of range 0-{CLV_CAPTURE_MAX}")
@@ -205,10 +222,19 @@ class BpfObject:
             raise ValueError(
                 f"wakeup_bytes {wakeup_bytes} must be below the ring size (or CLV_WAKEUP_NEVER)"
             )
+        if not 0 <= shed_bytes < ring_bytes:
+            raise ValueError(f"shed_bytes {shed_bytes} must be below the ring size")
+        if not 1 <= max_connections < 2**31:
+            raise ValueError(f"max_connections {max_connections} out of range")
         self.path = path or DEFAULT_OBJECT
         self.capture_bytes = capture_bytes
         self.wakeup_bytes = wakeup_bytes
         self.ring_bytes = ring_bytes
+        self.pair_http = pair_http
+        self.max_connections = max_connections
+        self.shed_bytes = shed_bytes
+        self.conn_value_size = ctypes.sizeof(clv_conn)
+        self._conn_cursor: clv_conn_key | None = None  # where the idle scan goes on
         self._obj: int | None = None
         self._ncpus = libbpf.check(_num_possible_cpus(), "libbpf_num_possible_cpus")
         self._open()
@@ -220,7 +246,7 @@ class BpfObject:
             self.close()
             raise
 
-    _MAPS = ("ports", "egress", "port_bits", "events", "counters")
+    _MAPS = ("ports", "egress", "port_bits", "events", "counters", "conns", "red")
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -238,7 +264,12 @@ class BpfObject:
 
     def _configure(self) -> None:
         rodata = self._rodata_map()
-        settings = clv_settings(capture_bytes=self.capture_bytes, wakeup_bytes=self.wakeup_bytes)
+        settings = clv_settings(
+            capture_bytes=self.capture_bytes,
+            wakeup_bytes=self.wakeup_bytes,
+            pair_http=int(self.pair_http),
+            shed_bytes=self.shed_bytes,
+        )
         size = _size()
         if not _initial_value(rodata, ctypes.byref(size)):
             raise KernelError(".rodata has no initial value", errno.EINVAL)
@@ -256,6 +287,10 @@ class BpfObject:
         libbpf.check(
             _set_max_entries(self._map("events"), self.ring_bytes),
             "bpf_map__set_max_entries(events)",
+        )
+        libbpf.check(
+            _set_max_entries(self._map("conns"), self.max_connections),
+            "bpf_map__set_max_entries(conns)",
         )
 
     def _load(self) -> None:
@@ -506,3 +541,130 @@ class BpfObject:
             )
             result[counter.name.lower()] = sum(values)
         return result
+
+    # -- HTTP exchanges held in the kernel ------------------------------------
+
+    def _conn_value(self, key: clv_conn_key, *, delete: bool = False) -> bytes | None:
+        buf = ctypes.create_string_buffer(self.conn_value_size)
+        fn = _lookup_and_delete if delete else _lookup_elem
+        rc = fn(self.map_fd("conns"), ctypes.byref(key), buf)
+        if rc == -errno.ENOENT:
+            return None
+        libbpf.check(rc, "lookup in map 'conns'")
+        return buf.raw
+
+    def _next_conn_key(self, prev: clv_conn_key | None) -> clv_conn_key | None:
+        nxt = clv_conn_key()
+        rc = _get_next_key(
+            self.map_fd("conns"), None if prev is None else ctypes.byref(prev), ctypes.byref(nxt)
+        )
+        if rc == -errno.ENOENT:
+            return None
+        libbpf.check(rc, "iteration of map 'conns'")
+        return nxt
+
+    @staticmethod
+    def _pending(value: bytes) -> clv_conn | None:
+        """The entry's state if it holds an exchange (paired and pending)."""
+        conn = clv_conn.from_buffer_copy(value)
+        return conn if conn.mode == CLV_MODE_PAIRED and conn.phase != 0 else None
+
+    @staticmethod
+    def _exchange(value: bytes) -> Exchange | None:
+        try:
+            return decode_exchange_at(value, clv_conn.ex.offset, len(value) - clv_conn.ex.offset,
+                                      held=True)
+        except KernelError:
+            return None  # torn by a concurrent update: the next pass sees it whole
+
+    def held_exchanges(self) -> list[Exchange]:
+        """Every exchange held in the kernel (at shutdown, after detaching)."""
+        out: list[Exchange] = []
+        key = self._next_conn_key(None)
+        while key is not None:
+            value = self._conn_value(key)
+            if value is not None and self._pending(value) is not None:
+                ex = self._exchange(value)
+                if ex is not None:
+                    out.append(ex)
+            key = self._next_conn_key(key)
+        return out
+
+    def take_idle_exchanges(self, now_ns: int, idle_ns: int, max_keys: int) -> list[Exchange]:
+        """Held exchanges with no segment for more than ``idle_ns``, removed from the kernel.
+
+        Looks at up to ``max_keys`` entries per call, going on where the last
+        call stopped, so that one call costs a bounded number of syscalls.
+        An entry is taken with lookup-and-delete; if it changed meanwhile (a
+        segment came), it is put back.
+        """
+        out: list[Exchange] = []
+        key = self._conn_cursor
+        state = clv_conn.ex.offset  # the bytes before the exchange: lock, phase, last segment
+        for _ in range(max_keys):
+            key = self._next_conn_key(key)
+            if key is None:
+                break
+            value = self._conn_value(key)
+            conn = self._pending(value) if value is not None else None
+            if conn is None or now_ns - conn.last_ns <= idle_ns:
+                continue
+            assert value is not None
+            taken = self._conn_value(key, delete=True)
+            if taken is None:
+                continue
+            if taken[:state] == value[:state]:
+                ex = self._exchange(taken)
+                if ex is not None:
+                    out.append(ex)
+                continue
+            buf = ctypes.create_string_buffer(taken, len(taken))
+            rc = _update_elem(self.map_fd("conns"), ctypes.byref(key), buf, _BPF_NOEXIST)
+            if rc not in (0, -errno.EEXIST):
+                libbpf.check(rc, "update of map 'conns'")
+        self._conn_cursor = key
+        return out
+
+    # -- RED metrics of exchanges user space did not see ----------------------
+
+    def red_metrics(self) -> dict[RedKey, RedValue]:
+        """The `red` map summed over CPUs: exchanges whose record was lost or shed."""
+        fd = self.map_fd("red")
+        size = (ctypes.sizeof(clv_red) + 7) & ~7
+        buf = ctypes.create_string_buffer(size * self._ncpus)
+        out: dict[RedKey, RedValue] = {}
+        for key in self._keys("red", clv_red_key):
+            rc = _lookup_elem(fd, ctypes.byref(key), buf)
+            if rc == -errno.ENOENT:
+                continue
+            libbpf.check(rc, "lookup in map 'red'")
+            count = sum_ns = 0
+            buckets = [0] * CLV_RED_BUCKETS
+            for cpu in range(self._ncpus):
+                v = clv_red.from_buffer_copy(buf, cpu * size)
+                count += v.count
+                sum_ns += v.sum_ns
+                for i in range(CLV_RED_BUCKETS):
+                    buckets[i] += v.buckets[i]
+            out[RedKey(key.ifindex, key.port, key.role, key.method, key.status)] = RedValue(
+                count, sum_ns, tuple(buckets)
+            )
+        return out
+
+
+class RedKey(NamedTuple):
+    """A series of the kernel's RED map (clv_red_key)."""
+
+    ifindex: int
+    port: int  # the server port
+    role: int  # clv_role
+    method: int  # clv_method
+    status: int
+
+
+class RedValue(NamedTuple):
+    """Exchanges of one series whose record never reached user space."""
+
+    exchanges: int
+    sum_ns: int
+    buckets: tuple[int, ...]  # per OTel bucket (5 ms .. 10 s, then +Inf), not cumulative

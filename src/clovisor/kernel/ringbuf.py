@@ -37,7 +37,7 @@ import platform
 import select
 from typing import Literal
 
-from ..core.events import Segment
+from ..core.events import Record
 from . import libbpf
 from .abi import decode_at
 from .errors import KernelError
@@ -73,7 +73,7 @@ def default_walk() -> Literal["mapped", "libbpf"]:
 
 
 class RingReader:
-    """Decoded batches of ``clv_segment`` records from the ``events`` map.
+    """Decoded batches of records (segments, exchanges, handovers) from the ``events`` map.
 
     Not thread-safe: one reader thread per ring. ``malformed`` counts the
     records that did not decode (they are dropped, never raised); ``more``
@@ -103,7 +103,7 @@ class RingReader:
             self.close()
             raise
 
-    def poll(self, timeout_ms: int) -> list[Segment]:
+    def poll(self, timeout_ms: int) -> list[Record]:
         """Wait up to ``timeout_ms`` for a wake-up, then drain up to ``max_records``.
 
         The drain is unconditional: on a timeout it collects what arrived
@@ -118,7 +118,7 @@ class RingReader:
             ep.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1, 1)
         return self.drain()
 
-    def drain(self) -> list[Segment]:
+    def drain(self) -> list[Record]:
         """Up to ``max_records`` records, without waiting."""
         self._live()
         if self._mapped is not None:
@@ -169,7 +169,7 @@ def walk_records(
     prod: int,
     mask: int,
     limit: int,
-) -> tuple[list[Segment], int, int]:
+) -> tuple[list[Record], int, int]:
     """Decode the committed records between ``cons`` and ``prod``, at most ``limit``.
 
     ``data[data_off:]`` is the ring's data area, mapped twice in a row, and
@@ -178,7 +178,7 @@ def walk_records(
     did not decode; stops early at a record that is not committed yet.
     Pure: the tests run it on a ring laid out in bytes.
     """
-    out: list[Segment] = []
+    out: list[Record] = []
     append = out.append
     decode = decode_at
     bad = 0
@@ -222,7 +222,7 @@ class _MappedRing:
         self._prod = memoryview(self._data).cast("Q")
         self._words = memoryview(self._data).cast("I")
 
-    def drain(self, limit: int) -> tuple[list[Segment], int, bool]:
+    def drain(self, limit: int) -> tuple[list[Record], int, bool]:
         prod = self._prod[0]
         out, cons, bad = walk_records(
             self._data, self._words, self._page, self._cons[0], prod, self._mask, limit
@@ -259,14 +259,14 @@ class _LibbpfRing:
         # This record is consumed either way; a negative return stops the walk after it.
         return _STOP if len(raw) >= self._limit else 0
 
-    def drain(self, limit: int) -> tuple[list[Segment], int, bool]:
+    def drain(self, limit: int) -> tuple[list[Record], int, bool]:
         assert self._rb is not None
         self._limit = limit
         rc = _rb_consume(self._rb)
         if rc < 0 and rc != _STOP:
             libbpf.check(rc, "ring_buffer__consume")
         raw, self._raw = self._raw, []
-        out: list[Segment] = []
+        out: list[Record] = []
         bad = 0
         for record in raw:
             try:

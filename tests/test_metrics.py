@@ -13,7 +13,14 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from clovisor.core.events import Outcome, Protocol, Role, Session
-from clovisor.metrics import BUCKETS, LABELS, OVERFLOW_ROUTE, Metrics, parse_listen_address
+from clovisor.metrics import (
+    BUCKETS,
+    LABELS,
+    OVERFLOW_ROUTE,
+    Metrics,
+    Unseen,
+    parse_listen_address,
+)
 from clovisor.routes import RouteFolder
 from clovisor.specs import SpecError
 from tests.export.sessions import request, response, session
@@ -349,3 +356,37 @@ def test_process_and_python_collectors() -> None:
     (info,) = fams["python_info"].samples
     assert info.labels["implementation"] == "CPython"
     assert "python_gc_objects_collected" in fams
+
+
+def test_exchanges_the_kernel_counted_but_no_session_stands_for_are_added() -> None:
+    """Past capacity: shed records are counted by the kernel, once, with no route."""
+    m = Metrics()
+    m.observe_sessions([timed(3, request=request(target="/a")),
+                        timed(3, request=request(target="/a"), response=response(404))], service)
+    shed = [
+        Unseen(Role.SERVER, "web", "default", "GET", "200", 0.006, (2, *([0] * 14))),
+        Unseen(Role.SERVER, "web", "default", "GET", "404", 0.2, (0, 0, 0, 0, 0, 0, 1,
+                                                                   *([0] * 8))),
+        Unseen(Role.CLIENT, "web", "default", "_OTHER", "503", 12.0, (*([0] * 14), 1)),
+    ]
+    m.register_unseen(lambda: shed)
+    assert counts(m, SERVER) == {
+        ("web", "GET", "200", "/a"): 1,
+        ("web", "GET", "404", "/a"): 1,
+        ("web", "GET", "200", ""): 2,
+        ("web", "GET", "404", ""): 1,
+    }
+    assert counts(m, CLIENT) == {("web", "_OTHER", "503", ""): 1}
+    buckets = {
+        s.labels["le"]: s.value for s in families(m)[SERVER].samples
+        if s.name == SERVER + "_bucket" and s.labels["http_route"] == ""
+        and s.labels["http_response_status_code"] == "404"
+    }
+    assert buckets["0.1"] == 0 and buckets["0.25"] == 1  # cumulative, like the others
+    # A session with an empty route (its target was never captured) shares the
+    # series: the two are added, not one in place of the other.
+    m.observe_sessions([timed(3, request=request(target=""))], service)
+    assert counts(m, SERVER)[("web", "GET", "200", "")] == 3
+    # A failing source costs only its own rows.
+    m.register_unseen(lambda: [1 / 0])  # type: ignore[list-item]
+    assert counts(m, SERVER)[("web", "GET", "200", "")] == 3

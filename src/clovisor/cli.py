@@ -387,6 +387,7 @@ def _trace(args: argparse.Namespace) -> int:
     telemetry.metrics.register_health(
         lambda: {**tracer.health_stats(), "spans_sampled_out": telemetry.sampler.sampled_out}
     )
+    telemetry.metrics.register_unseen(tracer.unseen_exchanges)
     tracer.count = args.count
     # A plain flag, not an Event: the handler runs on this thread, and
     # Event.set() there could wait forever for the lock of the very
@@ -533,6 +534,7 @@ def _agent(args: argparse.Namespace) -> int:
         lambda: {**agent.tracer.health_stats(), **agent.health_stats(),
                  "spans_sampled_out": telemetry.sampler.sampled_out}
     )
+    telemetry.metrics.register_unseen(lambda: agent.tracer.unseen_exchanges())
     # The loop runs on its own thread so that the signal handler, which runs
     # on this one, never waits for a lock the interrupted code holds.
     outcome: list[BaseException | object] = []

@@ -21,6 +21,14 @@ traces, never metrics, so rates and percentiles stay exact):
   or a timeout). Sessions cut short by the tracer's own shutdown are not
   observed: their duration says nothing about the workload.
 
+  Past capacity the ring buffer fills and exchange records are shed or
+  lost; the classifier counts each exchange it paired but could not
+  deliver, by method, status and duration bucket (:meth:`Metrics.register_unseen`).
+  Those are added to the same histograms with ``http_route`` empty (the
+  path never reached user space), so the request counts stay exact while
+  spans are shed: every exchange is counted once, from its session or from
+  the kernel.
+
 - ``clovisor_sessions_total{service_name, service_namespace, outcome}`` (counter): every
   session, HTTP and TCP, by outcome (``complete``, ``reset``, ``closed``,
   ``timeout``, ``shutdown``). Failures that a status-code label cannot show
@@ -61,7 +69,7 @@ import re
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Final
+from typing import Final, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -197,6 +205,21 @@ _Key = tuple[Role, str, str, str, str, str]
 ServiceOf = Callable[[Session], tuple[str, str]]
 
 
+class Unseen(NamedTuple):
+    """Exchanges the kernel counted whose record never reached user space."""
+
+    role: Role
+    service: str
+    namespace: str
+    method: str  # the semconv method, or _OTHER
+    status: str  # the status code label
+    seconds: float  # the sum of their durations
+    buckets: tuple[int, ...]  # per bucket of BUCKETS then +Inf, not cumulative
+
+
+UnseenSource = Callable[[], Iterable[Unseen]]
+
+
 class _Red(Collector):
     """RED histograms and the outcome counter, fed in batches."""
 
@@ -206,6 +229,7 @@ class _Red(Collector):
         self.lock = threading.Lock()
         self.series: dict[_Key, list[float]] = {}
         self.outcomes: dict[tuple[str, str, Outcome], int] = {}
+        self.unseen: list[UnseenSource] = []
         # Status codes are three digits off the wire; str() per session
         # would cost more than this lookup.
         self.status_labels = {code: str(code) for code in range(1000)}
@@ -269,10 +293,34 @@ class _Red(Collector):
             CounterMetricFamily("clovisor_sessions", _SESSIONS_HELP, labels=_SESSION_LABELS),
         ]
 
+    def _unseen(self) -> dict[_Key, list[float]]:
+        """The kernel's counts of exchanges no session stands for, by series key."""
+        out: dict[_Key, list[float]] = {}
+        for source in list(self.unseen):
+            try:
+                rows = list(source())
+            except Exception:
+                log.exception("unseen-exchange source %r failed", source)
+                continue
+            for u in rows:
+                key = (u.role, u.service, u.namespace, u.method, u.status, "")
+                entry = out.setdefault(key, [0.0, *([0] * (1 + len(BUCKETS)))])
+                entry[0] += u.seconds
+                for i, n in enumerate(u.buckets[: len(BUCKETS) + 1]):
+                    entry[1 + i] += n
+        return out
+
     def collect(self) -> Iterable[Metric]:
+        unseen = self._unseen()
         with self.lock:
             series = [(k, list(v)) for k, v in self.series.items()]
             outcomes = list(self.outcomes.items())
+        merged = dict(series)
+        for key, extra in unseen.items():
+            entry = merged.get(key)
+            merged[key] = extra if entry is None else [a + b for a, b in zip(entry, extra,
+                                                                              strict=True)]
+        series = list(merged.items())
         server = HistogramMetricFamily(_SERVER_NAME, _SERVER_HELP, labels=LABELS)
         client = HistogramMetricFamily(_CLIENT_NAME, _CLIENT_HELP, labels=LABELS)
         for (role, service, namespace, method, status, route), entry in series:
@@ -361,6 +409,12 @@ class Metrics:
         lock per batch.
         """
         self._red.observe(sessions, service_of)
+
+    def register_unseen(self, source: UnseenSource) -> None:
+        """Read ``source()`` at every scrape: exchanges the kernel counted that
+        no session was made for (their records shed or lost), added to the RED
+        histograms with an empty ``http_route``. The counts must only grow."""
+        self._red.unseen.append(source)
 
     def register_health(self, source: Callable[[], Mapping[str, int]]) -> None:
         """Read ``source()`` at every scrape: a mapping of health key -> value.

@@ -26,19 +26,23 @@ from typing import Literal
 from opentelemetry.sdk.resources import Resource
 
 from .clock import MonotonicToWall
-from .core.events import Outcome, Record, Session
+from .core.events import Outcome, Record, Role, Session
 from .core.tracker import Limits, ParserLookup, Tracker
 from .export import Exporter
 from .export.ids import FastIdGenerator
 from .export.record import SpanRecord
 from .export.spans import session_to_span
-from .kernel.abi import CLV_WAKEUP_NEVER
+from .kernel.abi import CLV_WAKEUP_NEVER, Method
 from .kernel.attach import Attachment, attach
 from .kernel.loader import BpfObject, RedKey, RedValue
 from .kernel.ringbuf import RingReader
+from .metrics import Unseen
 from .specs import EgressSpec, PortSpec, SpecError
 
 log = logging.getLogger(__name__)
+
+# clv_method -> the semconv method label (NONE: a method the kernel does not name)
+_METHOD_NAMES = {m.value: m.name for m in Method if m is not Method.NONE}
 
 DEFAULT_CAPTURE_BYTES = 1024
 _ADVANCE_NS = 250_000_000  # how often the tracker lets time pass (timeouts)
@@ -391,6 +395,18 @@ class Tracer:
         """The kernel's RED series: exchanges whose record never reached user space
         (lost or shed past capacity); every other exchange is a session here."""
         return self._obj.red_metrics() if self._obj is not None else {}
+
+    def unseen_exchanges(self) -> list[Unseen]:
+        """:meth:`red_metrics` labelled as the metrics label sessions (for
+        :meth:`clovisor.metrics.Metrics.register_unseen`)."""
+        out = []
+        for key, value in self.red_metrics().items():
+            service, namespace = self._services.get(key.ifindex, self._default_service)
+            method = _METHOD_NAMES.get(key.method, "_OTHER")
+            out.append(Unseen(Role(key.role), service, namespace, method,
+                              str(key.status) if key.status else "", value.sum_ns / 1e9,
+                              value.buckets))
+        return out
 
     def _spans(self, sessions: list[Session]) -> list[SpanRecord]:
         if not sessions:

@@ -37,6 +37,9 @@ enum clv_role {
 enum clv_proto {
 	CLV_PROTO_TCP = 1,  /* connection-level sessions only */
 	CLV_PROTO_HTTP = 2, /* HTTP/1.x */
+	CLV_PROTO_HTTP2 = 3, /* HTTP/2 (h2c, prior knowledge) */
+	CLV_PROTO_GRPC = 4, /* gRPC: HTTP/2 streams as RPCs */
+	/* parser plugins get the ids above */
 };
 
 enum clv_hook {

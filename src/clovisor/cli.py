@@ -100,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kube_flags(t, "for --pod")
     t.add_argument("--port", action="append", default=[], type=_spec(parse_port),
                    metavar="PORT[:PROTOCOL]",
-                   help="server port behind the interface; protocol http (default) or tcp")
+                   help="server port behind the interface; protocol http (default), http2, "
+                        "grpc or tcp")
     t.add_argument("--egress", action="append", default=[], type=_spec(parse_egress),
-                   metavar="IP:PORT", help="trace requests to IP:PORT as CLIENT (0:PORT = any IP)")
+                   metavar="IP:PORT[:PROTOCOL]",
+                   help="trace requests to IP:PORT as CLIENT (0:PORT = any IP); protocol as "
+                        "for --port")
     t.add_argument("-o", "--output", action="append", type=_spec(parse_output), metavar="SPEC",
                    help="console (default), json[:PATH] (one JSON object per session; stdout "
                         "unless PATH), otlp-json:PATH ('-' = stdout), otlp:grpc://HOST:PORT, "

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from clovisor.core.events import Direction, Outcome, Segment, Session
+from clovisor.core.events import Direction, Outcome, Protocol, Segment, Session
 from clovisor.core.http2 import Http2Connection, grpc_connection, http2_connection
 from clovisor.core.tracker import Limits, Tracker
 
@@ -358,3 +358,25 @@ def test_request_trailers_after_an_early_response_open_no_stream() -> None:
     c = conv()
     out, _ = run(c.handshake() + p.segments(c) + c.close())
     assert len(out) == 1 and attrs(out[0])["rpc.grpc.status_code"] == 3
+
+
+@pytest.mark.parametrize("protocol", [Protocol.HTTP2, Protocol.GRPC])
+def test_declared_ports_are_http2_in_the_tracker_without_a_parser_lookup(
+    protocol: Protocol,
+) -> None:
+    p = H2Pair()
+    # No content-type recorded: only a port declared gRPC makes the stream an RPC.
+    sid = p.request([(":method", "POST"), (":scheme", "http"), (":path", "/pkg.Svc/Do"),
+                     (":authority", "svc")], b"\0\0\0\0\0")  # fmt: skip
+    p.respond(sid, body=b"\0\0\0\0\0", trailers=[("grpc-status", "5")])
+    c = Conversation(protocol=protocol, sport=50051)
+    t = Tracker(Limits(max_http2_streams=8))  # no parser lookup at all
+    out = t.feed_many(c.handshake() + p.segments(c) + c.close()) + t.close()
+    assert len(out) == 1 and out[0].protocol == protocol
+    assert out[0].outcome is Outcome.COMPLETE
+    a = attrs(out[0])
+    if protocol is Protocol.GRPC:
+        assert (a["rpc.system"], a["rpc.service"], a["rpc.method"]) == ("grpc", "pkg.Svc", "Do")
+        assert a["rpc.grpc.status_code"] == 5
+    else:
+        assert "rpc.system" not in a

@@ -35,6 +35,8 @@ CONSTANTS = {
     "CLV_ROLE_CLIENT": Role.CLIENT,
     "CLV_PROTO_TCP": Protocol.TCP,
     "CLV_PROTO_HTTP": Protocol.HTTP,
+    "CLV_PROTO_HTTP2": Protocol.HTTP2,
+    "CLV_PROTO_GRPC": Protocol.GRPC,
     "CLV_HOOK_INGRESS": abi.CLV_HOOK_INGRESS,
     "CLV_HOOK_EGRESS": abi.CLV_HOOK_EGRESS,
     "CLV_TCP_FIN": abi.CLV_TCP_FIN,

@@ -29,7 +29,9 @@ class Protocol(enum.IntEnum):
     """What the core parses on a flow (clv_proto)."""
 
     TCP = 1
-    HTTP = 2
+    HTTP = 2  # HTTP/1.x (and HTTP/2 after the preface or an h2c upgrade)
+    HTTP2 = 3  # a port declared HTTP/2 (h2c, prior knowledge)
+    GRPC = 4  # a port declared gRPC: HTTP/2 whose streams are RPCs
 
 
 # TCP flag bits as in clv_segment.tcp_flags.
@@ -58,7 +60,7 @@ class Segment(NamedTuple):
     ifindex: int
     role: Role
     direction: Direction
-    protocol: int  # a Protocol member, or a parser plugin's id (3-255)
+    protocol: int  # a Protocol member, or a parser plugin's id (5-255)
     family: int  # 4 or 6
     saddr: bytes  # 4 or 16 bytes
     daddr: bytes

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .budget import Budget
 from .events import SYN, Direction, Outcome, Protocol, Segment, Session
+from .http2 import Http2Connection
 from .reassembly import ReassemblyLimits, seq_diff
 from .sessions import (
     Connection,
@@ -33,6 +34,7 @@ class Limits:
     max_header_bytes: int = 65536  # a header block larger than this is an error
     idle_timeout_ns: int = 30_000_000_000  # a pending request then becomes a TIMEOUT
     max_buffered_bytes: int = 32 << 20  # payload bytes held across segments, all connections
+    max_http2_streams: int = 256  # open streams kept per HTTP/2 connection
     reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
 
 
@@ -225,6 +227,17 @@ class Tracker:
             )
         elif seg.protocol == Protocol.TCP:
             conn = TcpConnection(endpoints, lim.reassembly, self._conn_stats, self._out)
+        elif seg.protocol == Protocol.HTTP2 or seg.protocol == Protocol.GRPC:
+            conn = Http2Connection(
+                endpoints,
+                lim.reassembly,
+                self._conn_stats,
+                self._out,
+                synced=bool(seg.flags & SYN),
+                grpc=seg.protocol == Protocol.GRPC,
+                max_streams=lim.max_http2_streams,
+                max_header_bytes=lim.max_header_bytes,
+            )
         else:
             conn = self._plugin_connection(endpoints, seg)
         conns[key] = conn

@@ -30,6 +30,8 @@ CLV_ROLE_CLIENT = 2
 
 CLV_PROTO_TCP = 1
 CLV_PROTO_HTTP = 2
+CLV_PROTO_HTTP2 = 3
+CLV_PROTO_GRPC = 4
 
 CLV_HOOK_INGRESS = 0
 CLV_HOOK_EGRESS = 1
@@ -190,7 +192,7 @@ def decode_at(buf: RecordSource, off: int, size: int) -> Segment:
     ) = header.unpack_from(buf, off)  # fmt: skip
     direction = _DIRECTIONS.get(rdir)
     role_ = _ROLES.get(role)
-    # Built-in protocols decode to their enum member; plugin ids (3-255) stay ints.
+    # Built-in protocols decode to their enum member; plugin ids (5-255) stay ints.
     protocol = _PROTOCOLS.get(proto) or (proto if proto >= _FIRST_PLUGIN_ID else None)
     if (
         rtype != CLV_EV_SEGMENT

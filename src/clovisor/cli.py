@@ -376,6 +376,7 @@ def _trace(args: argparse.Namespace) -> int:
         span_filter=telemetry.sampler.filter,
         beat=telemetry.health.beat,
     )
+    telemetry.metrics.register_untraced(tracer.untraced)
     telemetry.metrics.register_health(
         lambda: {**tracer.health_stats(), "spans_sampled_out": telemetry.sampler.sampled_out}
     )
@@ -521,6 +522,7 @@ def _agent(args: argparse.Namespace) -> int:
     except ExporterConfigError as exc:
         telemetry.close()
         raise UsageError(str(exc)) from None
+    telemetry.metrics.register_untraced(lambda: agent.tracer.untraced())
     telemetry.metrics.register_health(
         lambda: {**agent.tracer.health_stats(), **agent.health_stats(),
                  "spans_sampled_out": telemetry.sampler.sampled_out}

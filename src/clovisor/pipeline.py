@@ -95,11 +95,15 @@ class Totals:
     parse_errors: int
     malformed_records: int
     export_failures: int
+    encrypted: int = 0
+    unrecognized: int = 0
 
     def __str__(self) -> str:
         return (
             f"segments seen {self.segments}, events lost {self.events_lost}, "
             f"sessions emitted {self.sessions}, parse errors {self.parse_errors}"
+            + (f", encrypted {self.encrypted}" if self.encrypted else "")
+            + (f", unrecognized {self.unrecognized}" if self.unrecognized else "")
             + (f", malformed records {self.malformed_records}" if self.malformed_records else "")
             + (f", export failures {self.export_failures}" if self.export_failures else "")
         )
@@ -211,6 +215,8 @@ class Tracer:
             parse_errors=self.tracker.stats.parse_errors,
             malformed_records=self._reader.malformed if self._reader is not None else 0,
             export_failures=self.export_failures,
+            encrypted=self.tracker.stats.encrypted,
+            unrecognized=self.tracker.stats.unrecognized,
         )
 
     # -- targets ---------------------------------------------------------------------
@@ -348,6 +354,11 @@ class Tracer:
         self._beat("tracker")
         tracker = self.tracker
         sessions = tracker.feed_many(segs) if segs else []
+        samples = tracker.take_samples()
+        if samples and log.isEnabledFor(logging.DEBUG):
+            for port, first in samples:
+                log.debug("port %d: a connection whose first bytes are no protocol of the "
+                          "port (unrecognized): %r", port, first)  # fmt: skip
         if now_ns - self._last_advance >= _ADVANCE_NS:
             self._last_advance = now_ns
             sessions += tracker.advance(now_ns)
@@ -400,6 +411,9 @@ class Tracer:
             "sessions": t.sessions,
             "connections_evicted": stats.evicted,
             "lost_responses": stats.lost_responses,
+            "encrypted": stats.encrypted,
+            "unrecognized": stats.unrecognized,
+            "http2_framing_lost": stats.framing_lost,
             "tracked_connections": len(self.tracker),
             "buffered_bytes": stats.buffered_bytes,
         }
@@ -413,6 +427,10 @@ class Tracer:
                         key = "export_queue_size" if k == "queue_size" else k
                         out[key] = out.get(key, 0) + int(v)
         return out
+
+    def untraced(self) -> dict[tuple[str, int], int]:
+        """(reason, server port) -> what the tracker could not trace, and why (a copy)."""
+        return self.tracker.stats.untraced
 
     def _export(self, spans: list[SpanRecord]) -> None:
         """Hand spans to every output's queue (never blocks)."""

@@ -40,6 +40,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_MAX_FRAME_SIZE = 16384
 LARGEST_FRAME_SIZE = (1 << 24) - 1
 MAX_SETTINGS_BYTES = 6 * 32  # settings read from one SETTINGS frame; the rest are ignored
+NOT_PREFACE = "not the HTTP/2 connection preface"  # Stopped.reason: a client that is no HTTP/2
 
 
 class FrameType(enum.IntEnum):
@@ -142,10 +143,15 @@ class Settings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FramingLost:
-    """Frames may have gone by unseen: streams may have ended, header blocks were missed."""
+    """Frames may have gone by unseen: streams may have ended, header blocks were missed.
+
+    ``truncated``: a frame boundary lay beyond the captured bytes; else it lay
+    in lost bytes, or a guessed boundary proved wrong.
+    """
 
     reason: str
     ts_ns: int
+    truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -373,7 +379,7 @@ class FrameReader:
         if state is State.SEEK or state is State.STOPPED:
             self._fire(Trigger.LOST)
             return
-        self._lose("lost bytes across a frame boundary", chunk.ts_ns, out)
+        self._lose("lost bytes across a frame boundary", chunk.ts_ns, out, truncated=False)
 
     # -- the states -----------------------------------------------------------------
 
@@ -386,7 +392,7 @@ class FrameReader:
         piece = data[pos : pos + n]
         if piece != PREFACE[have : have + n]:
             self._drop_hbuf()
-            self._stop("not the HTTP/2 connection preface", ts, out)
+            self._stop(NOT_PREFACE, ts, out)
             return pos + n
         if have + n < len(PREFACE):
             self._keep_hbuf(self._hbuf + piece)
@@ -628,12 +634,12 @@ class FrameReader:
 
     # -- losing and stopping ----------------------------------------------------
 
-    def _lose(self, reason: str, ts: int, out: list[Event]) -> None:
+    def _lose(self, reason: str, ts: int, out: list[Event], *, truncated: bool = True) -> None:
         """Framing lost: a frame boundary went by unseen. Seek a new one."""
         self.framing_lost += 1
         self._abandon(ts, out)
         self._fire(Trigger.LOST)
-        out.append(FramingLost(reason=reason, ts_ns=ts))
+        out.append(FramingLost(reason=reason, ts_ns=ts, truncated=truncated))
 
     def _bad(self, reason: str, ts: int, out: list[Event]) -> None:
         self.bad_frames += 1
@@ -733,6 +739,7 @@ class FrameReader:
 
 
 __all__ = [
+    "NOT_PREFACE",
     "PREFACE",
     "Data",
     "Event",

@@ -39,6 +39,8 @@ from urllib.parse import unquote
 
 from .events import HttpRequest, HttpResponse, Outcome, Session
 from .h2frames import (
+    NOT_PREFACE,
+    PREFACE,
     Data,
     Event,
     FrameReader,
@@ -51,7 +53,16 @@ from .h2frames import (
 )
 from .http1 import RECORDED_HEADERS
 from .reassembly import Chunk, ReassemblyLimits
-from .sessions import Connection, Endpoints, Stats
+from .sessions import (
+    ENCRYPTED,
+    LOST,
+    PARSE_ERROR,
+    TRUNCATED,
+    UNRECOGNIZED,
+    Connection,
+    Endpoints,
+    Stats,
+)
 from .tls import TlsSession, looks_like_tls
 
 _PSEUDO = frozenset({b":method", b":path", b":authority", b":status"})
@@ -249,10 +260,16 @@ class Http2Streams:
                         self._emit(stream, event.ts_ns, Outcome.CLOSED)
         elif isinstance(event, FramingLost):
             self.framing_lost += 1
+            self._stats.framing_lost += 1
+            if event.truncated:
+                self._stats.not_traced(TRUNCATED, self._endpoints.server_port)
+            elif event.reason.startswith("lost"):
+                self._stats.not_traced(LOST, self._endpoints.server_port)
             self._lost(is_req)
         elif isinstance(event, Stopped):
             self.bad_frames += 1
-            self._stats.parse_errors += 1
+            reason = UNRECOGNIZED if event.reason == NOT_PREFACE else PARSE_ERROR
+            self._stats.not_traced(reason, self._endpoints.server_port)
             self._lost(is_req)
 
     def _lost(self, is_req: bool) -> None:
@@ -472,7 +489,7 @@ class Http2Connection(Connection):
     Unless its first bytes are a TLS ClientHello: then it is one TLS session.
     """
 
-    __slots__ = ("_synced", "streams", "tls")
+    __slots__ = ("_ignored", "_synced", "streams", "tls")
 
     def __init__(
         self,
@@ -493,14 +510,24 @@ class Http2Connection(Connection):
             max_header_bytes=max_header_bytes,
         )  # fmt: skip
         self.tls: TlsSession | None = None
+        self._ignored = False  # an unrecognized connection: nothing of it is parsed
 
     def on_chunk(self, is_req: bool, chunk: Chunk, ack: int) -> None:
         if self.tls is not None:
             self.tls.feed(is_req, chunk)
-        elif is_req and self._synced and chunk.offset == 0 and looks_like_tls(chunk.data):
-            self.stats.encrypted += 1
-            self.tls = TlsSession(self.endpoints, self.out, self.stats.budget)
-            self.tls.feed(is_req, chunk)
+        elif self._ignored:
+            return
+        elif is_req and self._synced and chunk.offset == 0 and chunk.data:
+            data = chunk.data
+            if looks_like_tls(data):
+                self.stats.not_traced(ENCRYPTED, self.endpoints.server_port)
+                self.tls = TlsSession(self.endpoints, self.out, self.stats.budget)
+                self.tls.feed(is_req, chunk)
+            elif not PREFACE.startswith(data[: len(PREFACE)]):
+                self.stats.not_traced(UNRECOGNIZED, self.endpoints.server_port, data)
+                self._ignored = True
+            else:
+                self.streams.feed(is_req, chunk)
         else:
             self.streams.feed(is_req, chunk)
 

@@ -12,6 +12,7 @@ from .events import SYN, Direction, Outcome, Protocol, Segment, Session
 from .http2 import Http2Connection
 from .reassembly import ReassemblyLimits, seq_diff
 from .sessions import (
+    UNRECOGNIZED,
     Connection,
     ConnectionFactory,
     Endpoints,
@@ -68,6 +69,25 @@ class TrackerStats:
         return self._conn_stats.lost_responses
 
     @property
+    def encrypted(self) -> int:
+        """Connections that began with a TLS ClientHello."""
+        return self._conn_stats.encrypted
+
+    @property
+    def framing_lost(self) -> int:
+        """Times an HTTP/2 direction lost its frame boundaries (capture or loss)."""
+        return self._conn_stats.framing_lost
+
+    @property
+    def untraced(self) -> dict[tuple[str, int], int]:
+        """(reason, server port) -> count of what was not traced, and why (a copy)."""
+        return dict(self._conn_stats.untraced)
+
+    @property
+    def unrecognized(self) -> int:
+        return sum(n for (r, _), n in self._conn_stats.untraced.items() if r == UNRECOGNIZED)
+
+    @property
     def buffered_bytes(self) -> int:
         return self._conn_stats.budget.used
 
@@ -85,6 +105,9 @@ class TrackerStats:
             "unpaired_responses": self.unpaired_responses,
             "dropped_requests": self.dropped_requests,
             "lost_responses": self.lost_responses,
+            "encrypted": self.encrypted,
+            "unrecognized": self.unrecognized,
+            "http2_framing_lost": self.framing_lost,
             "buffered_bytes": self.buffered_bytes,
             "budget_refusals": self.budget_refusals,
         }
@@ -116,6 +139,15 @@ class Tracker:
 
     def __len__(self) -> int:
         return len(self._conns)
+
+    def take_samples(self) -> list[tuple[int, bytes]]:
+        """(server port, first bytes) of the unrecognized connections since the last call."""
+        samples = self._conn_stats.samples
+        if not samples:
+            return []
+        out = samples[:]
+        samples.clear()
+        return out
 
     def feed(self, seg: Segment) -> list[Session]:
         """Process one segment; return the sessions it completed."""

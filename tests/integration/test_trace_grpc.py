@@ -12,7 +12,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -234,7 +233,7 @@ def test_a_hundred_concurrent_calls_on_one_channel(
     first_end = min(s.end_ns for s in spans)
     assert sum(s.start_ns < first_end for s in spans) > 10
     for s in spans:
-        assert s["rpc.grpc.status_code"] == 0 and 0.2e9 <= s.end_ns - s.start_ns
+        assert s["rpc.grpc.status_code"] == 0 and s.end_ns - s.start_ns >= 0.2e9
 
 
 def test_a_channel_opened_before_the_tracer(

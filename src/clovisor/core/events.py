@@ -49,7 +49,10 @@ class Segment(NamedTuple):
     length); ``payload_len`` is the real length, so byte accounting works by
     sequence numbers even when most of the payload never crossed to user
     space. ``tail`` holds the last bytes of the payload when the prefix does
-    not reach them (empty otherwise).
+    not reach them (empty otherwise). ``frames``: on flows of ports declared
+    HTTP/2 or gRPC, the HTTP/2 frame headers the prefix does not hold whole,
+    as the classifier found them (``clv_h2_frame`` records; see
+    :func:`clovisor.core.h2frames.frame_hints`).
 
     A NamedTuple rather than a frozen dataclass: one is built per ring-buffer
     record, and on the reference machine a frozen 17-field dataclass costs
@@ -73,6 +76,7 @@ class Segment(NamedTuple):
     payload: bytes = b""
     tail: bytes = b""
     packets: int = 1  # wire packets this segment stands for (GSO)
+    frames: bytes = b""
 
 
 class Outcome(enum.Enum):

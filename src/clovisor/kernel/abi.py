@@ -44,6 +44,9 @@ CLV_TCP_ACK = 0x10
 
 CLV_PORT_WORDS = 1024
 
+CLV_H2_FRAMES_MAX = 32
+CLV_H2_PEEK = 48
+
 CLV_WAKEUP_NEVER = 0xFFFFFFFF
 
 CLV_EGRESS_ANY = 0x01
@@ -94,6 +97,35 @@ class clv_segment(ctypes.Structure):
     ]
 
 
+class clv_h2_frame(ctypes.Structure):
+    _fields_ = [
+        ("offset", _u32),
+        ("head", _u8 * 9),
+        ("peek_len", _u8),
+        ("pad", _u8 * 2),
+        ("peek", _u8 * CLV_H2_PEEK),
+    ]
+
+
+class clv_h2_key(ctypes.Structure):
+    _fields_ = [
+        ("ifindex", _u32),
+        ("sport", _u16),
+        ("dport", _u16),
+        ("saddr", _u8 * 16),
+        ("daddr", _u8 * 16),
+    ]
+
+
+class clv_h2_state(ctypes.Structure):
+    _fields_ = [
+        ("next_seq", _u32),
+        ("have", _u8),
+        ("pad", _u8 * 3),
+        ("part", _u8 * 8),
+    ]
+
+
 class clv_port_key(ctypes.Structure):
     _fields_ = [
         ("ifindex", _u32),
@@ -134,6 +166,9 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (
     clv_egress_key,
     clv_match,
     clv_settings,
+    clv_h2_frame,
+    clv_h2_key,
+    clv_h2_state,
 )
 
 # The fixed part of clv_segment, field for field (little-endian: BPF runs in
@@ -208,6 +243,16 @@ def decode_at(buf: RecordSource, off: int, size: int) -> Segment:
             f" tail_len={tail_len} dir={rdir} role={role} proto={proto}"
         )
     start = off + SEGMENT_HEADER_SIZE
+    if size > SEGMENT_HEADER_SIZE + cap_len:
+        # HTTP/2 frame headers the capture missed follow the payload.
+        end = start + cap_len
+        return Segment(
+            ts_ns, ifindex, role_, direction, protocol, family,
+            saddr, daddr, sport, dport, seq, ack, flags, payload_len,
+            buf[start:end] if cap_len else b"",
+            buf[off + _TAIL_OFFSET : off + _TAIL_OFFSET + tail_len] if tail_len else b"",
+            gso_segs or 1, buf[end : off + size],
+        )  # fmt: skip
     return Segment(
         ts_ns, ifindex, role_, direction, protocol, family,
         saddr, daddr, sport, dport, seq, ack, flags, payload_len,

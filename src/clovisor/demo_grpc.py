@@ -174,7 +174,8 @@ def run_scenario(target: str, scenario: str, count: int) -> None:
             _report(code=client.unary(f"fail:{name}:it went {name.lower()}".encode()))
         _report(code=client.unary(b"sleep:2000", timeout=0.3), deadline=True)
     elif scenario == "big":
-        _report(code=client.unary(b"big:%d" % BIG + b"\0" * (BIG - 16)))
+        head = b"big:%d" % BIG
+        _report(code=client.unary(head + b"\0" * (BIG - len(head))))  # 1 MiB each way
     elif scenario == "concurrent":
         call = client.channel.unary_unary(UNARY)
         pending = [call.future(b"sleep:%d" % 200) for _ in range(count)]

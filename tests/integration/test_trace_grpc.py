@@ -221,7 +221,7 @@ def test_a_hundred_concurrent_calls_on_one_channel(
     gnet: GrpcNet, traced: list[TracerRun], tmp_path: Path
 ) -> None:
     before = len(gnet.calls())
-    run = trace(gnet, traced, tmp_path, "--capture-bytes", "8192")
+    run = trace(gnet, traced, tmp_path)
     replies = gnet.client_run("concurrent", 100)
     assert [r["code"] for r in replies] == ["OK"] * 100
     calls = journal_since(gnet, before)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from .events import HttpRequest, HttpResponse, Outcome, Session
+from .events import SYN, Direction, HttpRequest, HttpResponse, Outcome, Segment, Session
 from .h2frames import (
     NOT_PREFACE,
     PREFACE,
@@ -46,6 +46,7 @@ from .h2frames import (
     FrameReader,
     FramingLost,
     GoAway,
+    frame_hints,
     Headers,
     Reset,
     Settings,
@@ -186,6 +187,10 @@ class Http2Streams:
         self._last_client_stream = 0  # client stream ids only grow (RFC 9113, 5.1.1)
         self.bad_frames = 0
         self.framing_lost = 0
+
+    def reader(self, is_req: bool) -> FrameReader:
+        """The frame reader of one direction."""
+        return self._client if is_req else self._server
 
     @property
     def open_streams(self) -> int:
@@ -511,6 +516,19 @@ class Http2Connection(Connection):
         )  # fmt: skip
         self.tls: TlsSession | None = None
         self._ignored = False  # an unrecognized connection: nothing of it is parsed
+
+    def feed(self, seg: Segment) -> None:
+        if seg.frames and self.tls is None and not self._ignored:
+            # Frame headers the classifier found beyond the capture: where they
+            # are in the half-stream, for its frame reader.
+            is_req = seg.direction is Direction.REQUEST
+            stream = self.req if is_req else self.resp
+            seq = (seg.seq + 1) & 0xFFFFFFFF if seg.flags & SYN else seg.seq
+            base = stream.absolute(seq) if stream.started else 0
+            reader = self.streams.reader(is_req)
+            for offset, data in frame_hints(seg.frames):
+                reader.hint(base + offset, data)
+        super().feed(seg)
 
     def on_chunk(self, is_req: bool, chunk: Chunk, ack: int) -> None:
         if self.tls is not None:

@@ -46,11 +46,11 @@ from .h2frames import (
     FrameReader,
     FramingLost,
     GoAway,
-    frame_hints,
     Headers,
     Reset,
     Settings,
     Stopped,
+    frame_hints,
 )
 from .http1 import RECORDED_HEADERS
 from .reassembly import Chunk, ReassemblyLimits

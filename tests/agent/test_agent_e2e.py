@@ -5,8 +5,8 @@ The module builds one :class:`~clovisor.topology.Topology` as the node: pods
 (an inline line protocol, for the parser plugin), ``greeter`` the demo gRPC
 service, ``client`` runs curl, the gRPC client and raw sockets. Inside the
 node namespace, where the agent runs (it is hostNetwork there), each test
-starts its own in-test Kubernetes API server and OTLP/gRPC receivers; one real redis-server serves the whole module and
-is emptied before each test. The agent is the real ``python -m clovisor
+starts its own in-test Kubernetes API server and OTLP/gRPC receivers; one
+real redis-server serves the whole module and is emptied before each test. The agent is the real ``python -m clovisor
 agent`` subprocess; what it did is read from the kernel (TCX links and tc
 filters on the veths), from the spans the receivers decoded and from its log.
 

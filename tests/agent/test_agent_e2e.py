@@ -6,9 +6,10 @@ The module builds one :class:`~clovisor.topology.Topology` as the node: pods
 service, ``client`` runs curl, the gRPC client and raw sockets. Inside the
 node namespace, where the agent runs (it is hostNetwork there), each test
 starts its own in-test Kubernetes API server and OTLP/gRPC receivers; one
-real redis-server serves the whole module and is emptied before each test. The agent is the real ``python -m clovisor
-agent`` subprocess; what it did is read from the kernel (TCX links and tc
-filters on the veths), from the spans the receivers decoded and from its log.
+real redis-server serves the whole module and is emptied before each test.
+The agent is the real ``python -m clovisor agent`` subprocess; what it did
+is read from the kernel (TCX links and tc filters on the veths), from the
+spans the receivers decoded and from its log.
 
 Nothing waits a fixed time for an outcome: every wait polls a condition.
 Teardown kills the agents still running (by the pid we started), removes

@@ -505,12 +505,21 @@ __attribute__((noinline)) int h2_walk(struct __sk_buff *skb, __u32 n, __u32 payl
 			st->have = len - off;
 			break;
 		}
+		if (off + 9 <= n) {
+			/* captured: its length from the copy, and user space has it */
+			at = off;
+			barrier_var(at);
+			if (at > CLV_CAPTURE_MAX - 9)
+				goto lost;
+			flen = ((__u32)s->data[at] << 16) | ((__u32)s->data[at + 1] << 8) |
+			       s->data[at + 2];
+			s->h2_off = off + 9 + flen;
+			continue;
+		}
 		if (load_l3(skb, net_off, payload_off + off, head, 9))
 			goto lost;
 		flen = ((__u32)head[0] << 16) | ((__u32)head[1] << 8) | head[2];
 		s->h2_off = off + 9 + flen;
-		if (off + 9 <= n)
-			continue; /* user space has this one */
 		count = *(volatile __u64 *)&s->h2_count;
 		if (count >= CLV_H2_FRAMES_MAX)
 			goto lost;

@@ -154,7 +154,48 @@ def _report(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def run_scenario(target: str, scenario: str, count: int) -> None:
+def paced(client: Client, rate: float, duration: float, max_in_flight: int = 256) -> None:
+    """Unary calls at ``rate`` per second for ``duration`` seconds (the benchmark's
+    load): one JSON summary line with the calls, errors and latency percentiles."""
+    call = client.channel.unary_unary(UNARY)
+    lock = threading.Lock()
+    slots = threading.Semaphore(max_in_flight)
+    latencies: list[float] = []
+    errors = 0
+
+    def done(started: float, f: grpc.Future) -> None:
+        nonlocal errors
+        took = time.monotonic() - started
+        with lock:
+            if f.exception() is None:
+                latencies.append(took)
+            else:
+                errors += 1
+        slots.release()
+
+    total = int(rate * duration)
+    t0 = time.monotonic()
+    for i in range(total):
+        wait = t0 + i / rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        slots.acquire()
+        started = time.monotonic()
+        future = call.future(b"x" * 32, timeout=10)
+        future.add_done_callback(lambda f, started=started: done(started, f))
+    for _ in range(max_in_flight):
+        slots.acquire()
+    seconds = time.monotonic() - t0
+    lat = sorted(latencies)
+
+    def pct(q: float) -> float | None:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else None
+
+    _report(calls=total, errors=errors, seconds=seconds, p50_ms=pct(0.5), p99_ms=pct(0.99))
+
+
+def run_scenario(target: str, scenario: str, count: int, rate: float = 100.0,
+                 duration: float = 10.0) -> None:  # fmt: skip
     client = Client(target)
     if scenario == "unary":
         for i in range(count):
@@ -196,11 +237,8 @@ def run_scenario(target: str, scenario: str, count: int) -> None:
             _report(code=client.unary(b"after %d" % i), method=UNARY)
         for i in range(count):
             _report(code=client.unary(b"other %d" % i, method=OTHER), method=OTHER)
-    elif scenario == "load":
-        call = client.channel.unary_unary(UNARY)
-        for _ in range(count):
-            call(b"x" * 32, timeout=10)
-        _report(code="OK", calls=count)
+    elif scenario == "bench":
+        paced(client, rate, duration)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     client.close()
@@ -215,12 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("client")
     c.add_argument("--target", required=True)
     c.add_argument("--count", type=int, default=10)
+    c.add_argument("--rate", type=float, default=100.0, help="bench: calls per second")
+    c.add_argument("--duration", type=float, default=10.0, help="bench: seconds")
     c.add_argument("scenario")
     args = p.parse_args(argv)
     if args.cmd == "server":
         serve(args.port, args.log)
     else:
-        run_scenario(args.target, args.scenario, args.count)
+        run_scenario(args.target, args.scenario, args.count, args.rate, args.duration)
 
 
 if __name__ == "__main__":

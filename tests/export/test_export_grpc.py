@@ -78,6 +78,7 @@ def test_client_span_fails_on_every_code_but_ok(code: int) -> None:
 def test_a_call_reset_before_its_status_fails_as_http_does() -> None:
     sp = grpc(None, outcome=Outcome.RESET)
     assert sp.status_code is StatusCode.ERROR and sp.attributes["error.type"] == "reset"
+    assert sp.status_message == "stream reset during response"  # RST_STREAM, not the connection
     assert "rpc.response.status_code" not in sp.attributes
     assert sp.name == "helloworld.Greeter/SayHello"
 

@@ -583,6 +583,8 @@ def session_to_span(
             if failed is not None:
                 desc = failed[1] if resp is None else failed[2]
                 if desc is not None:
+                    if outcome is Outcome.RESET and "clovisor.http2.stream_id" in attrs:
+                        desc = desc.replace("connection", "stream")  # RST_STREAM
                     attrs["error.type"] = failed[0]
                     status, message = _ERROR, desc
     elif outcome is Outcome.RESET:

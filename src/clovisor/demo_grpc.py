@@ -138,10 +138,11 @@ class Client:
         self.channel = grpc.insecure_channel(target, options=_OPTIONS)
         grpc.channel_ready_future(self.channel).result(timeout=10)
 
-    def unary(self, message: bytes, timeout: float | None = 10, method: str = UNARY) -> str:
+    def unary(self, message: bytes, timeout: float | None = 10, method: str = UNARY,
+              metadata: tuple[tuple[str, str], ...] = ()) -> str:  # fmt: skip
         call = self.channel.unary_unary(method)
         try:
-            call(message, timeout=timeout)
+            call(message, timeout=timeout, metadata=metadata or None)
         except grpc.RpcError as exc:
             return str(exc.code().name)
         return "OK"
@@ -200,6 +201,14 @@ def run_scenario(target: str, scenario: str, count: int, rate: float = 100.0,
     if scenario == "unary":
         for i in range(count):
             _report(code=client.unary(b"hello %d" % i))
+    elif scenario == "traced":
+        # The caller's trace context in metadata: W3C, then B3, alternately.
+        for i in range(count):
+            trace_id, span_id = f"{i + 1:032x}", f"{i + 1:016x}"
+            md = ((("traceparent", f"00-{trace_id}-{span_id}-01"),) if i % 2 == 0
+                  else (("b3", f"{trace_id}-{span_id}-1"),))  # fmt: skip
+            _report(code=client.unary(b"traced %d" % i, metadata=md), trace_id=trace_id,
+                    parent=span_id)
     elif scenario == "streams":
         list(client.channel.unary_stream(SERVER_STREAM)(b"%d" % count, timeout=10))
         _report(code="OK", method=SERVER_STREAM)

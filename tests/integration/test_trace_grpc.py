@@ -343,3 +343,18 @@ def test_grpc_on_an_http_port_and_client_spans_by_egress(
             if code in (3, 5, 7):
                 # Semconv: a client fails on any code but OK, a server only on some.
                 assert (s.status_code == STATUS_ERROR) is (kind != SPAN_KIND_SERVER)
+
+
+def test_the_callers_trace_context_in_metadata_is_joined(
+    gnet: GrpcNet, traced: list[TracerRun], tmp_path: Path
+) -> None:
+    before = len(gnet.calls())
+    run = trace(gnet, traced, tmp_path)
+    replies = gnet.client_run("traced", 4)
+    assert [r["code"] for r in replies] == ["OK"] * 4
+    calls = journal_since(gnet, before)
+    spans = stop_and_spans(run, 4)
+    assert_one_span_per_call(spans, calls)
+    # W3C traceparent and B3, as for HTTP/1: each span is a child of its caller.
+    want = {(r["trace_id"], r["parent"]) for r in replies}
+    assert {(s.trace_id.hex(), s.parent_span_id.hex()) for s in spans} == want

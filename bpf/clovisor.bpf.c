@@ -626,13 +626,14 @@ static __always_inline void emit(struct __sk_buff *skb, struct clv_pkt *p,
 
 static __always_inline int classify(struct __sk_buff *skb, __u8 hook)
 {
-	/* zeroed: clang keeps its fields in registers, and one left unset on a
-	 * path that returns early is a register the verifier refuses to spill */
-	struct clv_pkt p = {};
+	struct clv_pkt p;
 	struct clv_scratch *s;
 	__u32 zero = 0;
 	int rc;
 
+	/* p lives on the stack: in registers, a field left unset on a path that
+	 * returns early is one the verifier refuses to spill */
+	asm volatile("" : : "r"(&p) : "memory");
 	count(CLV_CNT_PACKETS);
 	rc = parse(skb, &p);
 	if (rc != CLV_PARSE_TCP) {

@@ -432,6 +432,61 @@ static __always_inline int h2_split_length(struct __sk_buff *skb, int net_off, _
 }
 
 /*
+ * Append the clv_h2_frame of the frame header at `off` (not whole in the n
+ * captured bytes) to the record in the scratch buffer; returns its payload
+ * length, or -1 when it cannot (the record is full, a load failed).  A
+ * global function, like h2_walk: the walk's loop body stays small for the
+ * verifier, which checks this once.
+ */
+__attribute__((noinline)) __s64 h2_report(struct __sk_buff *skb, int net_off, __u32 payload_off,
+					  __u32 n, __s64 off)
+{
+	struct clv_scratch *s;
+	struct clv_h2_frame *f;
+	__u32 zero = 0, flen;
+	/* 64-bit on purpose, as in capture() */
+	__u64 at, cp, count;
+	__s64 len;
+	__u8 head[9];
+
+	s = bpf_map_lookup_elem(&scratch, &zero);
+	if (!s)
+		return -1;
+	len = s->hdr.payload_len;
+	if (n > CLV_CAPTURE_MAX || off < 0 || off + 9 > len)
+		return -1;
+	if (load_l3(skb, net_off, payload_off + off, head, 9))
+		return -1;
+	flen = ((__u32)head[0] << 16) | ((__u32)head[1] << 8) | head[2];
+	count = s->h2_count;
+	if (count >= CLV_H2_FRAMES_MAX)
+		return -1;
+	at = n + count * sizeof(*f);
+	barrier_var(at);
+	if (at > CLV_CAPTURE_MAX + (CLV_H2_FRAMES_MAX - 1) * sizeof(*f))
+		return -1;
+	f = (void *)(s->data + at);
+	f->offset = off;
+	__builtin_memcpy(f->head, head, 9);
+	f->pad[0] = f->pad[1] = 0;
+	cp = 0;
+	if (head[3] != 0) { /* not DATA: its first bytes may be needed */
+		cp = len - off - 9;
+		if (cp > flen)
+			cp = flen;
+		if (cp > CLV_H2_PEEK)
+			cp = CLV_H2_PEEK;
+		barrier_var(cp);
+		if (cp > CLV_H2_PEEK ||
+		    (cp && load_l3(skb, net_off, payload_off + off + 9, f->peek, cp)))
+			cp = 0;
+	}
+	f->peek_len = cp;
+	s->h2_count = count + 1;
+	return flen;
+}
+
+/*
  * Walk the frame headers of the segment whose record header is in the
  * scratch buffer, n bytes of it captured: append a clv_h2_frame at data + n
  * for each one not whole in the capture, and move the flow's state on.
@@ -450,12 +505,9 @@ __attribute__((noinline)) int h2_walk(struct __sk_buff *skb, __u32 n, __u32 payl
 	struct clv_h2_state *st, init = {};
 	struct clv_scratch *s;
 	struct clv_segment *h;
-	struct clv_h2_frame *f;
 	__u32 zero = 0, seq, flen;
-	/* 64-bit on purpose, as in capture() */
-	__u64 at, cp, count;
-	__s64 off, len;
-	__u8 head[9];
+	__u64 at, count;
+	__s64 off, len, rc;
 	int i;
 
 	s = bpf_map_lookup_elem(&scratch, &zero);
@@ -494,6 +546,10 @@ __attribute__((noinline)) int h2_walk(struct __sk_buff *skb, __u32 n, __u32 payl
 		goto lost; /* the segment starts past the header we expect: a gap */
 	s->h2_off = off;
 	s->h2_count = 0;
+	/* unrolled: each copy is its own instruction for the verifier, whose
+	 * work is then linear in the bound (a loop kept the states of every
+	 * iteration at its head, and compared each new one with all of them) */
+#pragma clang loop unroll(full)
 	for (i = 0; i < CLV_H2_FRAMES_MAX; i++) {
 		off = *(volatile __s64 *)&s->h2_off;
 		if (off < 0 || off >= len)
@@ -516,35 +572,10 @@ __attribute__((noinline)) int h2_walk(struct __sk_buff *skb, __u32 n, __u32 payl
 			s->h2_off = off + 9 + flen;
 			continue;
 		}
-		if (load_l3(skb, net_off, payload_off + off, head, 9))
+		rc = h2_report(skb, net_off, payload_off, n, off);
+		if (rc < 0)
 			goto lost;
-		flen = ((__u32)head[0] << 16) | ((__u32)head[1] << 8) | head[2];
-		s->h2_off = off + 9 + flen;
-		count = *(volatile __u64 *)&s->h2_count;
-		if (count >= CLV_H2_FRAMES_MAX)
-			goto lost;
-		at = n + count * sizeof(*f);
-		barrier_var(at);
-		if (at > CLV_CAPTURE_MAX + (CLV_H2_FRAMES_MAX - 1) * sizeof(*f))
-			goto lost;
-		f = (void *)(s->data + at);
-		f->offset = off;
-		__builtin_memcpy(f->head, head, 9);
-		f->pad[0] = f->pad[1] = 0;
-		cp = 0;
-		if (head[3] != 0) { /* not DATA: its first bytes may be needed */
-			cp = len - off - 9;
-			if (cp > flen)
-				cp = flen;
-			if (cp > CLV_H2_PEEK)
-				cp = CLV_H2_PEEK;
-			barrier_var(cp);
-			if (cp > CLV_H2_PEEK ||
-			    (cp && load_l3(skb, net_off, payload_off + off + 9, f->peek, cp)))
-				cp = 0;
-		}
-		f->peek_len = cp;
-		s->h2_count = count + 1;
+		s->h2_off = off + 9 + rc;
 	}
 	off = s->h2_off;
 	if (i == CLV_H2_FRAMES_MAX && off < len && !st->have)

@@ -90,7 +90,7 @@ struct clv_segment {
  * captured.  A header split across two segments is not reported: its bytes
  * are in the first one's tail and the next one's prefix.
  */
-#define CLV_H2_FRAMES_MAX 32 /* frame headers walked per segment */
+#define CLV_H2_FRAMES_MAX 256 /* frame headers walked (and so reported, at most) per segment */
 #define CLV_H2_PEEK 48       /* payload bytes copied of a non-DATA frame */
 
 struct clv_h2_frame {

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nginx-light curl wrk hey \
+DEB_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nginx-light curl wrk hey nghttp2-client \
                 redis-server tshark linux-perf procps
 BPF_SRC := bpf/clovisor.bpf.c
 BPF_HDR := bpf/clovisor.h bpf/http1.h

@@ -1,9 +1,20 @@
-"""Load generators (hey at fixed rates, wrk unthrottled) and parsers for their reports."""
+"""Load generators and parsers for their reports.
+
+HTTP/1.x: hey at fixed rates, wrk unthrottled. HTTP/2 (h2c): h2load at fixed
+rates, several streams in flight per connection. gRPC: the demo gRPC client
+(``clovisor.demo_grpc client ... bench``) at fixed rates, unary calls on one
+channel.
+"""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from dataclasses import dataclass
+
+PROTOCOLS = ("http1", "http2", "grpc")
+H2_STREAMS = 8  # h2load -m: streams in flight per connection
 
 
 @dataclass(frozen=True)
@@ -17,19 +28,36 @@ class Workload:
     rate: int | None
     keepalive: bool
     connections: int
+    protocol: str = "http1"
 
     @property
     def tool(self) -> str:
+        if self.protocol == "http2":
+            return "h2load"
+        if self.protocol == "grpc":
+            return "grpc"
         return "hey" if self.rate is not None else "wrk"
 
     @property
     def label(self) -> str:
         rate = "max" if self.rate is None else f"{self.rate:,}/s"
+        if self.protocol == "http2":
+            return f"{rate} h2c"
+        if self.protocol == "grpc":
+            return f"{rate} gRPC"
         return f"{rate} {'keep-alive' if self.keepalive else 'conn/req'}"
 
     def argv(self, url: str, duration: float, mix_script: str | None = None) -> list[str]:
         """The client's command line; ``mix_script`` (wrk only) is :data:`MIX_LUA` on disk."""
         secs = f"{max(1, round(duration))}s"
+        if self.protocol == "http2":
+            assert self.rate is not None
+            return ["h2load", "-D", str(max(1, round(duration))), "-c", str(self.connections),
+                    "-m", str(H2_STREAMS), "--rps", f"{self.rate / self.connections:g}", url]
+        if self.protocol == "grpc":
+            assert self.rate is not None
+            return [sys.executable, "-m", "clovisor.demo_grpc", "client", "--target", url,
+                    "--rate", str(self.rate), "--duration", f"{duration:g}", "bench"]
         if self.rate is None:
             argv = ["wrk", "-t2", f"-c{self.connections}", f"-d{secs}", "--latency"]
             if not self.keepalive:
@@ -67,6 +95,16 @@ def fixed(rate: int, keepalive: bool = True) -> Workload:
 
 def unthrottled(keepalive: bool = True, connections: int = 50) -> Workload:
     return Workload(f"{'ka' if keepalive else 'close'}-max", None, keepalive, connections)
+
+
+def h2(rate: int) -> Workload:
+    """h2load at ``rate`` req/s over 4 h2c connections."""
+    return Workload(f"h2-{rate}", rate, True, 4, "http2")
+
+
+def grpc(rate: int) -> Workload:
+    """Unary gRPC calls at ``rate`` calls/s on one channel."""
+    return Workload(f"grpc-{rate}", rate, True, 1, "grpc")
 
 
 @dataclass(frozen=True)
@@ -140,5 +178,45 @@ def parse_wrk(out: str) -> ClientResult:
     )
 
 
+def parse_h2load(out: str) -> ClientResult:
+    """h2load's summary (it reports no latency percentiles)."""
+    m = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored", out)
+    t = re.search(r"finished in ([\d.]+)(us|ms|s|m),", out)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if m is None or t is None or codes is None:
+        raise ClientOutputError(f"h2load: no summary in output:\n{out[-2000:]}")
+    return ClientResult(
+        requests=int(m.group(2)),
+        errors=int(m.group(3)) + int(m.group(4)),
+        non_2xx=sum(int(codes.group(i)) for i in (2, 3, 4)),
+        seconds=float(t.group(1)) * _UNIT_MS[t.group(2)] / 1e3,
+        p50_ms=None,
+        p99_ms=None,
+        latency_resolution_ms=0.001,
+    )
+
+
+def parse_grpc(out: str) -> ClientResult:
+    """The demo gRPC client's one-line JSON summary."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise ClientOutputError(f"grpc client: no summary in output:\n{out[-2000:]}")
+    r = json.loads(lines[-1])
+    return ClientResult(
+        requests=int(r["calls"]) - int(r["errors"]),
+        errors=int(r["errors"]),
+        non_2xx=0,
+        seconds=float(r["seconds"]),
+        p50_ms=r.get("p50_ms"),
+        p99_ms=r.get("p99_ms"),
+        latency_resolution_ms=0.001,
+    )
+
+
 def parse(tool: str, out: str) -> ClientResult:
+    if tool == "h2load":
+        return parse_h2load(out)
+    if tool == "grpc":
+        return parse_grpc(out)
     return parse_hey(out) if tool == "hey" else parse_wrk(out)

@@ -9,6 +9,7 @@ from clovisor.topology import http_get
 
 PORT = 8080  # traced
 STATUS_PORT = 8081  # nginx stub_status: the server's own request count, never traced
+H2_PORT = 8082  # the same page over HTTP/2 in cleartext (prior knowledge)
 PATH = "/hello"
 BODY = "hello from nginx\n"
 # The unthrottled workloads ask for this path now and then: a second status
@@ -40,6 +41,10 @@ http {{
         location = {missing} {{ access_log {d}/{missing_log}; return 404; }}
     }}
     server {{
+        listen {h2_port} http2 reuseport backlog=4096;
+        location = {path} {{ default_type text/plain; return 200 "{body}"; }}
+    }}
+    server {{
         listen {status_port};
         location = /status {{ stub_status; }}
     }}
@@ -52,8 +57,8 @@ def write_conf(d: Path) -> Path:
     (d / "tmp").mkdir(parents=True, exist_ok=True)
     conf = d / "nginx.conf"
     body = BODY.replace("\n", "\\n")
-    conf.write_text(CONF.format(d=d, port=PORT, status_port=STATUS_PORT, path=PATH, body=body,
-                                missing=MISSING, missing_log=MISSING_LOG))
+    conf.write_text(CONF.format(d=d, port=PORT, status_port=STATUS_PORT, h2_port=H2_PORT,
+                                path=PATH, body=body, missing=MISSING, missing_log=MISSING_LOG))
     return conf
 
 

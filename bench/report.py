@@ -53,7 +53,8 @@ def machine() -> dict[str, Any]:
         "arch": uname.machine,
         "mem_total_mib": _mem_total_mib(),
         "python": platform.python_version(),
-        "packages": {p: _pkg_version(p) for p in ("nginx-light", "wrk", "hey", "tshark")},
+        "packages": {p: _pkg_version(p)
+                     for p in ("nginx-light", "wrk", "hey", "tshark", "nghttp2-client")},
     }
 
 

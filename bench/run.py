@@ -52,7 +52,7 @@ from typing import Any
 from clovisor.topology import Topology
 
 from . import nginx, report
-from .clients import Workload, fixed, unthrottled
+from .clients import PROTOCOLS, Workload, fixed, grpc, h2, unthrottled
 from .procstat import loadavg
 from .scenarios import SCENARIOS, BenchError, Env, RunResult, Variant, run_client, run_one
 
@@ -60,11 +60,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TOOLS = ("nginx", "hey", "wrk", "tshark", "bpftool", "ip")
 
 
-def workloads(rates: Sequence[int], close_rates: Sequence[int], with_max: bool) -> list[Workload]:
-    out = [fixed(r, keepalive=True) for r in rates]
-    out += [fixed(r, keepalive=False) for r in close_rates]
-    if with_max:
-        out += [unthrottled(keepalive=True), unthrottled(keepalive=False)]
+def workloads(rates: Sequence[int], close_rates: Sequence[int], with_max: bool,
+              protocols: Sequence[str] = ("http1",), h2_rates: Sequence[int] = (),
+              grpc_rates: Sequence[int] = ()) -> list[Workload]:  # fmt: skip
+    out: list[Workload] = []
+    if "http1" in protocols:
+        out += [fixed(r, keepalive=True) for r in rates]
+        out += [fixed(r, keepalive=False) for r in close_rates]
+        if with_max:
+            out += [unthrottled(keepalive=True), unthrottled(keepalive=False)]
+    if "http2" in protocols:
+        out += [h2(r) for r in h2_rates]
+    if "grpc" in protocols:
+        out += [grpc(r) for r in grpc_rates]
     return out
 
 
@@ -77,6 +85,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--close-rates", type=int, nargs="*", default=None,
                    help="connection-per-request offered rates (default 1000)")
     p.add_argument("--no-max", action="store_true", help="skip the unthrottled wrk workloads")
+    p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=None,
+                   help="which workloads: http1 (hey, wrk), http2 (h2load against nginx's "
+                        "h2c port, declared http2), grpc (unary calls, declared grpc); "
+                        "default all of them (smoke: http1)")
+    p.add_argument("--h2-rates", type=int, nargs="*", default=None,
+                   help="HTTP/2 offered rates, req/s (default 1000 5000)")
+    p.add_argument("--grpc-rates", type=int, nargs="*", default=None,
+                   help="gRPC offered rates, calls/s (default 1000)")
     p.add_argument("--duration", type=float, default=None,
                    help="seconds of traffic per run (default 10, smoke 2)")
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=None)
@@ -95,11 +111,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.duration = args.duration or 2.0
         args.scenarios = args.scenarios or ["untraced", "clovisor"]
         args.no_latest = True
+        args.protocols = args.protocols or ["http1"]
+        args.h2_rates = args.h2_rates if args.h2_rates is not None else [300]
+        args.grpc_rates = args.grpc_rates if args.grpc_rates is not None else [100]
     else:
         args.rates = args.rates if args.rates is not None else [1000, 5000, 10000, 20000]
         args.close_rates = args.close_rates if args.close_rates is not None else [1000]
         args.duration = args.duration or 10.0
         args.scenarios = args.scenarios or list(SCENARIOS)
+        args.protocols = args.protocols or list(PROTOCOLS)
+        args.h2_rates = args.h2_rates if args.h2_rates is not None else [1000, 5000]
+        args.grpc_rates = args.grpc_rates if args.grpc_rates is not None else [1000]
     return args
 
 
@@ -134,10 +156,12 @@ def _drop_trees(variants: Sequence[Variant]) -> None:
                             str(v.source.parent)], capture_output=True, check=False)
 
 
-def _preflight(scenarios: Sequence[str]) -> None:
+def _preflight(scenarios: Sequence[str], protocols: Sequence[str] = ("http1",)) -> None:
     if os.geteuid() != 0:
         raise BenchError("the benchmark needs root (network namespaces, eBPF)")
     need = [t for t in TOOLS if t != "tshark" or "tshark" in scenarios]
+    if "http2" in protocols:
+        need.append("h2load")
     missing = [t for t in need if shutil.which(t) is None
                and not any(os.access(f"{d}/{t}", os.X_OK) for d in ("/usr/sbin", "/sbin"))]
     if missing:
@@ -150,7 +174,8 @@ def _on_term(signum: int, _frame: FrameType | None) -> None:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    wls = workloads(args.rates, args.close_rates, not args.no_max)
+    wls = workloads(args.rates, args.close_rates, not args.no_max, args.protocols,
+                    args.h2_rates, args.grpc_rates)
     started = dt.datetime.now(dt.UTC)
     load_start = loadavg()
     with tempfile.TemporaryDirectory(prefix="clvbench-") as tmpdir, \
@@ -170,6 +195,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "duration_s": args.duration,
         "machine": report.machine(),
         "loadavg_start": load_start,
+        "protocols": list(args.protocols),
         "workloads": [asdict(w) | {"label": w.label, "tool": w.tool} for w in wls],
         "scenarios": [*args.scenarios, *(v.scenario for v in variants)],
         "variants": {v.scenario: {"env": dict(v.env), "revision": next(
@@ -195,7 +221,9 @@ def _bench_in(args: argparse.Namespace, wls: Sequence[Workload], topo: Topology,
         raise BenchError("nginx did not start: "
                          + (log.read_text() if log.exists() else "(no log)")) from None
     env = Env(topo, web, client, tmp, args.duration, tmp / "nginx", variants)
-    if not args.smoke:  # warm up nginx, the client and the page cache
+    if "grpc" in args.protocols:
+        env.start_grpc_server()
+    if not args.smoke and "http1" in args.protocols:  # warm up nginx, client, page cache
         run_client(Env(topo, web, client, tmp, 1.0), unthrottled())
     for w in wls:
         for scen in [*args.scenarios, *(v.scenario for v in variants)]:
@@ -214,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
     try:
-        _preflight(args.scenarios)
+        _preflight(args.scenarios, args.protocols)
         result = bench(args)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)

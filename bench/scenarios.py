@@ -56,6 +56,9 @@ class BenchError(RuntimeError):
     pass
 
 
+GRPC_PORT = 50051
+
+
 @dataclass(frozen=True)
 class Variant:
     """A clovisor scenario run differently, for a lever's before/after in one run.
@@ -76,7 +79,11 @@ class Variant:
 
 @dataclass
 class Env:
-    """What every run shares: the topology, the server and client pods, a scratch dir."""
+    """What every run shares: the topology, the server and client pods, a scratch dir.
+
+    The gRPC server (when a run needs it) journals each call it serves in
+    ``grpc_journal``: its count of requests, as stub_status is nginx's.
+    """
 
     topo: Topology
     server: Pod
@@ -90,7 +97,32 @@ class Env:
     def url(self) -> str:
         return f"http://{self.server.ipv4}:{nginx.PORT}{nginx.PATH}"
 
-    def server_requests(self) -> int:
+    @property
+    def grpc_journal(self) -> Path:
+        return self.tmp / "grpc-calls.jsonl"
+
+    def target(self, protocol: str) -> str:
+        """What the protocol's client is pointed at."""
+        if protocol == "http2":
+            return f"http://{self.server.ipv4}:{nginx.H2_PORT}{nginx.PATH}"
+        if protocol == "grpc":
+            return f"{self.server.ipv4}:{GRPC_PORT}"
+        return self.url
+
+    def port_spec(self, protocol: str) -> tuple[int, str]:
+        """The traced port and its ``--port`` declaration."""
+        if protocol == "http2":
+            return nginx.H2_PORT, f"{nginx.H2_PORT}:http2"
+        if protocol == "grpc":
+            return GRPC_PORT, f"{GRPC_PORT}:grpc"
+        return nginx.PORT, str(nginx.PORT)
+
+    def server_requests(self, protocol: str = "http1") -> int:
+        if protocol == "grpc":
+            if not self.grpc_journal.exists():
+                return 0
+            with self.grpc_journal.open("rb") as f:
+                return sum(1 for _ in f)
         return nginx.handled_requests(self.topo.node_ns, self.server.ipv4)
 
     def served_missing(self) -> int:
@@ -105,6 +137,13 @@ class Env:
     def variant(self, scenario: str) -> Variant | None:
         return next((v for v in self.variants if v.scenario == scenario), None)
 
+    def start_grpc_server(self) -> None:
+        self.topo.spawn(self.server.netns, [
+            sys.executable, "-m", "clovisor.demo_grpc", "server", "--port", str(GRPC_PORT),
+            "--log", str(self.grpc_journal)], stdout=subprocess.DEVNULL,
+            stderr=(self.tmp / "grpc-server.stderr").open("wb"))  # fmt: skip
+        self.topo.wait_for_port(self.client.netns, self.server.ipv4, GRPC_PORT, timeout=20)
+
 
 @dataclass
 class RunResult:
@@ -114,6 +153,7 @@ class RunResult:
     offered_rps: int | None  # None: unthrottled
     keepalive: bool
     tool: str
+    protocol: str
     duration_s: float
     # client side
     requests: int
@@ -242,7 +282,7 @@ class ClovisorTracer(Tracer):
 
     def __init__(
         self, env: Env, extra: tuple[str, ...] = (), variant: Variant | None = None,
-        python: str = sys.executable,
+        python: str = sys.executable, protocol: str = "http1",
     ) -> None:
         super().__init__(env)
         self.err = env.tmp / "clovisor.stderr"
@@ -251,7 +291,7 @@ class ClovisorTracer(Tracer):
             p.unlink(missing_ok=True)
         argv = [
             python, "-m", "clovisor", "trace",
-            "--iface", env.server.host_ifname, "--port", str(nginx.PORT),
+            "--iface", env.server.host_ifname, "--port", env.port_spec(protocol)[1],
             "--output", f"otlp-json:{self.out}", "--metrics", f"127.0.0.1:{METRICS_PORT}",
             *extra,
         ]
@@ -323,14 +363,18 @@ class ClovisorTracer(Tracer):
 class TsharkTracer(Tracer):
     name = "tshark"
 
-    def __init__(self, env: Env) -> None:
+    def __init__(self, env: Env, protocol: str = "http1") -> None:
         super().__init__(env)
         self.err = env.tmp / "tshark.stderr"
         self.out = env.tmp / "tshark.out"
-        argv = [
-            "tshark", "-n", "-i", env.server.host_ifname, "-f", f"tcp port {nginx.PORT}",
-            "-Y", "http.response", "-T", "fields", "-e", "http.response.code",
-        ]
+        port = env.port_spec(protocol)[0]
+        if protocol == "http1":
+            decode = ["-Y", "http.response", "-T", "fields", "-e", "http.response.code"]
+        else:
+            # HTTP/2 (gRPC too) on its port: each response head, decoded by HPACK.
+            decode = ["-d", f"tcp.port=={port},http2", "-Y", "http2.headers.status",
+                      "-T", "fields", "-e", "http2.headers.status"]
+        argv = ["tshark", "-n", "-i", env.server.host_ifname, "-f", f"tcp port {port}", *decode]
         self.proc = env.topo.spawn(env.topo.node_ns, argv, stdout=self.out.open("wb"),
                                    stderr=self.err.open("wb"))
         _wait_for_line(self.proc, self.err, "Capturing on", "tshark")
@@ -382,7 +426,7 @@ def _maybe_bpf_stats(on: bool) -> Iterator[None]:
 
 def run_client(env: Env, workload: Workload) -> tuple[ClientResult, float]:
     mix = env.mix_script() if workload.rate is None else None
-    argv = workload.argv(env.url, env.duration, mix)
+    argv = workload.argv(env.target(workload.protocol), env.duration, mix)
     t0 = time.monotonic()
     proc = env.topo.run(env.client.netns, argv, check=False, timeout=env.duration + 120)
     wall = time.monotonic() - t0
@@ -404,12 +448,13 @@ def run_one(env: Env, workload: Workload, scenario: str, *,
     with _maybe_bpf_stats(traced_by_clovisor):
         tracer: Tracer | None = None
         try:
+            protocol = workload.protocol
             if traced_by_clovisor:
-                tracer = ClovisorTracer(env, clovisor[1], variant, clovisor[0])
+                tracer = ClovisorTracer(env, clovisor[1], variant, clovisor[0], protocol)
             elif scenario == "tshark":
-                tracer = TsharkTracer(env)
+                tracer = TsharkTracer(env, protocol)
             before_cpu = tracer.sample().cpu_s if tracer else 0.0
-            before_req = env.server_requests()
+            before_req = env.server_requests(protocol)
             before_404 = env.served_missing()
             load = loadavg()
             jiffies = cpu_jiffies()
@@ -419,16 +464,17 @@ def run_one(env: Env, workload: Workload, scenario: str, *,
             if tracer is not None:
                 settle = _settle(lambda: tracer.sample().cpu_s)
                 after = tracer.sample()
-            after_req = env.server_requests()
+            after_req = env.server_requests(protocol)
             result = RunResult(
                 workload=workload.name, label=workload.label, scenario=scenario,
                 offered_rps=workload.rate, keepalive=workload.keepalive, tool=workload.tool,
+                protocol=protocol,
                 duration_s=env.duration, requests=client.requests,
                 client_errors=client.errors, non_2xx=client.non_2xx,
                 achieved_rps=client.rps, p50_ms=client.p50_ms, p99_ms=client.p99_ms,
                 latency_resolution_ms=client.latency_resolution_ms,
                 # stub_status counts its own request in each answer
-                server_requests=after_req - before_req - 1,
+                server_requests=after_req - before_req - (protocol != "grpc"),
                 server_404=env.served_missing() - before_404,
                 machine_busy_cores=busy, loadavg_before=load,
             )

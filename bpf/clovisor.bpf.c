@@ -111,12 +111,25 @@ struct {
 } red SEC(".maps");
 
 /* A record is built here, not on the 512-byte stack, and leaves with one
- * bpf_ringbuf_output() of exactly header + captured bytes (reserve/commit
- * would need a constant size). */
+ * bpf_ringbuf_output() of exactly header + captured bytes (+ HTTP/2 frame
+ * headers, see clovisor.h) (reserve/commit would need a constant size). */
 struct clv_scratch {
 	struct clv_segment hdr;
-	__u8 data[CLV_CAPTURE_MAX];
+	__u8 data[CLV_CAPTURE_MAX + CLV_H2_FRAMES_MAX * sizeof(struct clv_h2_frame)];
+	/* h2_walk's position, kept in memory so that the verifier sees every
+	 * iteration of its loop alike and prunes, instead of following each
+	 * path through every iteration */
+	__s64 h2_off;
+	__u64 h2_count;
 };
+
+/* HTTP/2 and gRPC flows: each direction's next frame header (clovisor.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct clv_h2_key);
+	__type(value, struct clv_h2_state);
+} h2_flows SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -430,6 +443,188 @@ static __always_inline int capture(struct __sk_buff *skb, struct clv_pkt *p,
 	return n;
 }
 
+/* --- HTTP/2 frame headers beyond the capture (ports declared http2/grpc) --- */
+
+/* The length field of a frame header that began with the `have` (1-8) last
+ * bytes of the previous segment (st->part) and goes on in this one. */
+static __always_inline int h2_split_length(struct __sk_buff *skb, int net_off, __u32 payload_off,
+					   __s64 len, struct clv_h2_state *st, __u32 *flen)
+{
+	__u64 a = 0, b = 0;
+	__u32 have = st->have;
+
+	if (have < 1 || have > 8 || len < 9 - have || len < 8)
+		return -1;
+	__builtin_memcpy(&a, st->part, 8);
+	if (load_l3(skb, net_off, payload_off, &b, 8))
+		return -1;
+	a = bpf_be64_to_cpu(a);
+	b = bpf_be64_to_cpu(b);
+	if (have >= 3)
+		*flen = (a >> (8 * (have - 3))) & 0xffffff;
+	else
+		*flen = ((a << (8 * (3 - have))) | (b >> (8 * (5 + have)))) & 0xffffff;
+	return 0;
+}
+
+/*
+ * Append the clv_h2_frame of the frame header at `off` (not whole in the n
+ * captured bytes) to the record in the scratch buffer; returns its payload
+ * length, or -1 when it cannot (the record is full, a load failed).  A
+ * global function, like h2_walk: the walk's loop body stays small for the
+ * verifier, which checks this once.
+ */
+__attribute__((noinline)) __s64 h2_report(struct __sk_buff *skb, int net_off, __u32 payload_off,
+					  __u32 n, __s64 off)
+{
+	struct clv_scratch *s;
+	struct clv_h2_frame *f;
+	__u32 zero = 0, flen;
+	/* 64-bit on purpose, as in capture() */
+	__u64 at, cp, count;
+	__s64 len;
+	__u8 head[9];
+
+	s = bpf_map_lookup_elem(&scratch, &zero);
+	if (!s)
+		return -1;
+	len = s->hdr.payload_len;
+	if (n > CLV_CAPTURE_MAX || off < 0 || off + 9 > len)
+		return -1;
+	if (load_l3(skb, net_off, payload_off + off, head, 9))
+		return -1;
+	flen = ((__u32)head[0] << 16) | ((__u32)head[1] << 8) | head[2];
+	count = s->h2_count;
+	if (count >= CLV_H2_FRAMES_MAX)
+		return -1;
+	at = n + count * sizeof(*f);
+	barrier_var(at);
+	if (at > CLV_CAPTURE_MAX + (CLV_H2_FRAMES_MAX - 1) * sizeof(*f))
+		return -1;
+	f = (void *)(s->data + at);
+	f->offset = off;
+	__builtin_memcpy(f->head, head, 9);
+	f->pad[0] = f->pad[1] = 0;
+	cp = 0;
+	if (head[3] != 0) { /* not DATA: its first bytes may be needed */
+		cp = len - off - 9;
+		if (cp > flen)
+			cp = flen;
+		if (cp > CLV_H2_PEEK)
+			cp = CLV_H2_PEEK;
+		barrier_var(cp);
+		if (cp > CLV_H2_PEEK ||
+		    (cp && load_l3(skb, net_off, payload_off + off + 9, f->peek, cp)))
+			cp = 0;
+	}
+	f->peek_len = cp;
+	s->h2_count = count + 1;
+	return flen;
+}
+
+/*
+ * Walk the frame headers of the segment whose record header is in the
+ * scratch buffer, n bytes of it captured: append a clv_h2_frame at data + n
+ * for each one not whole in the capture, and move the flow's state on.
+ * Returns how many were appended.  When the state cannot follow (a gap,
+ * more headers than CLV_H2_FRAMES_MAX, a header over three segments) it is
+ * dropped, and user space loses framing as it would without the walk.
+ *
+ * A global function: the verifier checks it once, whatever the caller's
+ * path, with its arguments unknown (an inlined loop was checked per path
+ * and went past the verifier's budget).
+ */
+__attribute__((noinline)) int h2_walk(struct __sk_buff *skb, __u32 n, __u32 payload_off,
+				      int net_off)
+{
+	struct clv_h2_key k = {};
+	struct clv_h2_state *st, init = {};
+	struct clv_scratch *s;
+	struct clv_segment *h;
+	__u32 zero = 0, seq, flen;
+	__u64 at, count;
+	__s64 off, len, rc;
+	int i;
+
+	s = bpf_map_lookup_elem(&scratch, &zero);
+	if (!s || n > CLV_CAPTURE_MAX)
+		return 0;
+	h = &s->hdr;
+	seq = h->seq;
+	len = h->payload_len;
+	k.ifindex = h->ifindex;
+	k.sport = h->sport;
+	k.dport = h->dport;
+	__builtin_memcpy(k.saddr, h->saddr, 16);
+	__builtin_memcpy(k.daddr, h->daddr, 16);
+	if (h->tcp_flags & CLV_TCP_SYN) {
+		/* the client's first bytes are the 24-byte preface, not a frame */
+		init.next_seq = seq + 1 + (h->dir == CLV_DIR_REQUEST ? 24 : 0);
+		bpf_map_update_elem(&h2_flows, &k, &init, BPF_ANY);
+		return 0;
+	}
+	if (h->tcp_flags & CLV_TCP_RST) {
+		bpf_map_delete_elem(&h2_flows, &k);
+		return 0;
+	}
+	st = bpf_map_lookup_elem(&h2_flows, &k);
+	if (!st || len == 0)
+		return 0;
+	off = (__s32)(st->next_seq - seq);
+	if (st->have) {
+		if (off != -(__s64)st->have ||
+		    h2_split_length(skb, net_off, payload_off, len, st, &flen))
+			goto lost;
+		off += 9 + flen;
+		st->have = 0;
+	}
+	if (off < 0)
+		goto lost; /* the segment starts past the header we expect: a gap */
+	s->h2_off = off;
+	s->h2_count = 0;
+	/* unrolled: each copy is its own instruction for the verifier, whose
+	 * work is then linear in the bound (a loop kept the states of every
+	 * iteration at its head, and compared each new one with all of them) */
+#pragma clang loop unroll(full)
+	for (i = 0; i < CLV_H2_FRAMES_MAX; i++) {
+		off = *(volatile __s64 *)&s->h2_off;
+		if (off < 0 || off >= len)
+			break;
+		if (off + 9 > len) {
+			/* split across segments: keep this one's last 8 bytes */
+			if (len < 8 || load_l3(skb, net_off, payload_off + len - 8, st->part, 8))
+				goto lost;
+			st->have = len - off;
+			break;
+		}
+		if (off + 9 <= n) {
+			/* captured: its length from the copy, and user space has it */
+			at = off;
+			barrier_var(at);
+			if (at > CLV_CAPTURE_MAX - 9)
+				goto lost;
+			flen = ((__u32)s->data[at] << 16) | ((__u32)s->data[at + 1] << 8) |
+			       s->data[at + 2];
+			s->h2_off = off + 9 + flen;
+			continue;
+		}
+		rc = h2_report(skb, net_off, payload_off, n, off);
+		if (rc < 0)
+			goto lost;
+		s->h2_off = off + 9 + rc;
+	}
+	off = s->h2_off;
+	if (i == CLV_H2_FRAMES_MAX && off < len && !st->have)
+		goto lost; /* more headers than one segment may report */
+	st->next_seq = seq + off;
+	count = s->h2_count;
+	return count > CLV_H2_FRAMES_MAX ? 0 : count;
+lost:
+	bpf_map_delete_elem(&h2_flows, &k);
+	count = s->h2_count;
+	return count > CLV_H2_FRAMES_MAX ? 0 : count;
+}
+
 static __always_inline void fill_header(struct __sk_buff *skb, struct clv_pkt *p,
 					struct clv_segment *h, __u8 hook)
 {
@@ -491,6 +686,7 @@ static __always_inline bool output(void *data, __u64 size)
 static __noinline void emit(struct __sk_buff *skb, struct clv_pkt *p, struct clv_scratch *s,
 			    __u8 hook)
 {
+	__u64 size, frames;
 	int n;
 
 	n = capture(skb, p, s);
@@ -500,7 +696,14 @@ static __noinline void emit(struct __sk_buff *skb, struct clv_pkt *p, struct clv
 	}
 	fill_header(skb, p, &s->hdr, hook);
 	s->hdr.cap_len = n;
-	output(s, sizeof(s->hdr) + n);
+	size = sizeof(s->hdr) + n;
+	if (s->hdr.proto == CLV_PROTO_HTTP2 || s->hdr.proto == CLV_PROTO_GRPC) {
+		frames = h2_walk(skb, n, p->payload_off, find_net_off(skb, p->l3head));
+		barrier_var(frames);
+		if (frames <= CLV_H2_FRAMES_MAX)
+			size += frames * sizeof(struct clv_h2_frame);
+	}
+	output(s, size);
 }
 
 /* --- HTTP/1.x pairing ------------------------------------------------------------ */
@@ -1205,6 +1408,9 @@ static __always_inline int classify(struct __sk_buff *skb, __u8 hook)
 	__u32 zero = 0;
 	int rc;
 
+	/* p lives on the stack: in registers, a field left unset on a path that
+	 * returns early is one the verifier refuses to spill */
+	asm volatile("" : : "r"(&p) : "memory");
 	count(CLV_CNT_PACKETS);
 	rc = parse(skb, &p);
 	if (rc != CLV_PARSE_TCP) {

@@ -39,6 +39,9 @@ enum clv_role {
 enum clv_proto {
 	CLV_PROTO_TCP = 1,  /* connection-level sessions only */
 	CLV_PROTO_HTTP = 2, /* HTTP/1.x */
+	CLV_PROTO_HTTP2 = 3, /* HTTP/2 (h2c, prior knowledge) */
+	CLV_PROTO_GRPC = 4, /* gRPC: HTTP/2 streams as RPCs */
+	/* parser plugins get the ids above */
 };
 
 enum clv_hook {
@@ -275,6 +278,45 @@ struct clv_red {
 	__u64 count;
 	__u64 sum_ns;
 	__u64 buckets[CLV_RED_BUCKETS]; /* not cumulative: bucket i counts bound[i-1] < d <= bound[i] */
+};
+
+/*
+ * HTTP/2 frame headers the capture missed.  On flows of ports declared
+ * http2 or grpc, the classifier follows each direction's frame boundaries
+ * from the SYN on (per-flow state in the `h2_flows` map) and appends to the
+ * segment's record one clv_h2_frame per frame header that does not lie
+ * whole in the captured prefix: `(size - sizeof(clv_segment) - cap_len) /
+ * sizeof(clv_h2_frame)` of them follow the payload bytes.  So a body sent as
+ * many frames per (GSO) segment keeps its framing however little is
+ * captured.  A header split across two segments is not reported: its bytes
+ * are in the first one's tail and the next one's prefix.
+ */
+#define CLV_H2_FRAMES_MAX 256 /* frame headers walked (and so reported, at most) per segment */
+#define CLV_H2_PEEK 48       /* payload bytes copied of a non-DATA frame */
+
+struct clv_h2_frame {
+	__u32 offset;            /* of the frame header, from the segment's first payload byte */
+	__u8 head[9];            /* the 9-byte frame header as on the wire */
+	__u8 peek_len;           /* valid bytes in peek[] */
+	__u8 pad[2];
+	__u8 peek[CLV_H2_PEEK];  /* its first payload bytes (HEADERS, RST_STREAM, ...; not DATA) */
+};
+
+/* `h2_flows` key: one direction of a flow on one interface. */
+struct clv_h2_key {
+	__u32 ifindex;
+	__u16 sport;
+	__u16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+/* `h2_flows` value: where that direction's next frame header starts. */
+struct clv_h2_state {
+	__u32 next_seq; /* sequence number of its first byte */
+	__u8 have;      /* 1-8: that many of its bytes ended the last segment (in part[]) */
+	__u8 pad[3];
+	__u8 part[8];   /* the last segment's last 8 bytes, when have > 0 */
 };
 
 /* Server ports of a traced interface: {ifindex, port} -> protocol. */

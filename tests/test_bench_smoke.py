@@ -98,3 +98,44 @@ def test_bench_smoke(tmp_path: Path) -> None:
     # Nothing left behind: namespaces, the bpf_stats sysctl.
     assert _our_namespaces() <= before_ns
     assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == stats_before
+
+
+def test_bench_smoke_http2_and_grpc(tmp_path: Path) -> None:
+    """``--protocols http2 grpc`` alone: h2load against nginx's h2c port and the
+    demo gRPC client, each traced on its declared port."""
+    if subprocess.run(["sh", "-c", "command -v h2load"], capture_output=True,
+                      check=False).returncode != 0:  # fmt: skip
+        pytest.skip("h2load is not installed (nghttp2-client; run `make setup`)")
+    before_ns = _our_namespaces()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--protocols", "http2", "grpc",
+         "--results-dir", str(tmp_path), "--no-plot"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    (path,) = tmp_path.glob("*-smoke.json")
+    result = json.loads(path.read_text())
+    assert result["protocols"] == ["http2", "grpc"]
+    runs = {(r["protocol"], r["scenario"]): r for r in result["runs"]}
+    assert set(runs) == {(p, s) for p in ("http2", "grpc") for s in ("untraced", "clovisor")}
+    for p in ("http2", "grpc"):
+        base, traced = runs[(p, "untraced")], runs[(p, "clovisor")]
+        assert base["requests"] > 0 and base["server_requests"] >= base["requests"]
+        assert traced["traced"] == traced["server_requests"] > 0, traced
+        assert traced["events_lost"] == 0 and traced["parse_errors"] == 0
+        assert traced["cpu_us_per_req"] is not None and traced["kernel_runs"] > 0
+    assert _our_namespaces() <= before_ns
+
+
+def test_load_client_reports_parse() -> None:
+    from bench.clients import parse_grpc, parse_h2load
+
+    h2 = parse_h2load(
+        "finished in 3.00s, 999.67 req/s, 39.03KB/s\n"
+        "requests: 3000 total, 3000 started, 3000 done, 2990 succeeded, 10 failed, "
+        "0 errored, 0 timeout\n"
+        "status codes: 2990 2xx, 0 3xx, 4 4xx, 0 5xx\n"
+    )
+    assert (h2.requests, h2.errors, h2.non_2xx, h2.seconds) == (2990, 10, 4, 3.0)
+    g = parse_grpc('{"calls": 300, "errors": 2, "seconds": 3.1, "p50_ms": 0.7, "p99_ms": 5.0}\n')
+    assert (g.requests, g.errors, g.seconds, g.p99_ms) == (298, 2, 3.1, 5.0)

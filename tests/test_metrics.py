@@ -16,7 +16,9 @@ from clovisor.core.events import Outcome, Protocol, Role, Session
 from clovisor.metrics import (
     BUCKETS,
     LABELS,
+    MAX_RPC_METHODS,
     OVERFLOW_ROUTE,
+    RPC_LABELS,
     Metrics,
     Unseen,
     parse_listen_address,
@@ -390,3 +392,77 @@ def test_exchanges_the_kernel_counted_but_no_session_stands_for_are_added() -> N
     # A failing source costs only its own rows.
     m.register_unseen(lambda: [1 / 0])  # type: ignore[list-item]
     assert counts(m, SERVER)[("web", "GET", "200", "")] == 3
+
+
+RPC_SERVER = "rpc_server_call_duration_seconds"
+RPC_CLIENT = "rpc_client_call_duration_seconds"
+
+
+def rpc_call(method: str, code: int | None, *, ms: float = 2, role: Role = Role.SERVER,
+             outcome: Outcome = Outcome.COMPLETE) -> Session:
+    service, _, name = method.partition("/")
+    attrs: list[tuple[str, str | int | float | bool]] = [
+        ("rpc.system", "grpc"), ("rpc.service", service), ("rpc.method", name)]
+    if code is not None:
+        attrs.append(("rpc.grpc.status_code", code))
+    return timed(ms, role=role, protocol=Protocol.GRPC, outcome=outcome,
+                 request=request("POST", "/" + method, version="2"),
+                 attributes=tuple(attrs))  # fmt: skip
+
+
+def rpc_counts(m: Metrics, name: str) -> dict[tuple[str, ...], float]:
+    fam = families(m).get(name)
+    assert fam is not None
+    out = {}
+    for s in fam.samples:
+        if s.name == name + "_count":
+            assert set(s.labels) == set(RPC_LABELS)
+            assert s.labels["rpc_system_name"] == "grpc"
+            out[(s.labels["service_name"], s.labels["rpc_method"],
+                 s.labels["rpc_response_status_code"])] = s.value
+    return out
+
+
+def test_grpc_calls_get_the_rpc_histograms_not_the_http_ones() -> None:
+    m = Metrics()
+    m.observe_sessions([
+        rpc_call("helloworld.Greeter/SayHello", 0),
+        rpc_call("helloworld.Greeter/SayHello", 0, ms=30),
+        rpc_call("helloworld.Greeter/SayHello", 4),
+        rpc_call("helloworld.Greeter/SayHello", None, outcome=Outcome.RESET),
+        rpc_call("helloworld.Greeter/SayHello", 99),
+        rpc_call("shop.Cart/Add", 5, role=Role.CLIENT),
+        timed(1, protocol=Protocol.HTTP2, request=request(target="/plain", version="2"),
+              attributes=(("clovisor.http2.stream_id", 1),)),
+    ], service)  # fmt: skip
+    assert rpc_counts(m, RPC_SERVER) == {
+        ("web", "helloworld.Greeter/SayHello", "OK"): 2,
+        ("web", "helloworld.Greeter/SayHello", "DEADLINE_EXCEEDED"): 1,
+        ("web", "helloworld.Greeter/SayHello", ""): 1,
+        ("web", "helloworld.Greeter/SayHello", "99"): 1,
+    }
+    assert rpc_counts(m, RPC_CLIENT) == {("web", "shop.Cart/Add", "NOT_FOUND"): 1}
+    assert counts(m, SERVER) == {("web", "GET", "200", "/plain"): 1}  # plain HTTP/2
+    assert counts(m, CLIENT) == {}
+    fam = families(m)[RPC_SERVER]
+    ok = {s.labels["le"]: s.value for s in fam.samples if s.name == RPC_SERVER + "_bucket"
+          and s.labels["rpc_response_status_code"] == "OK"}  # fmt: skip
+    assert ok["0.005"] == 1 and ok["0.05"] == 2 and ok["+Inf"] == 2
+
+
+def test_rpc_methods_are_bounded() -> None:
+    m = Metrics()
+    m.observe_sessions([rpc_call(f"svc.S/M{i}", 0) for i in range(MAX_RPC_METHODS + 50)], service)
+    got = rpc_counts(m, RPC_SERVER)
+    assert len(got) == MAX_RPC_METHODS + 1 and got[("web", "_OTHER", "OK")] == 50
+
+
+def test_untraced_by_reason_and_port() -> None:
+    m = Metrics()
+    m.register_untraced(lambda: {("unrecognized", 50051): 2, ("encrypted", 8080): 1})
+    m.register_untraced(lambda: {("unrecognized", 50051): 1})
+    fam = families(m)["clovisor_untraced"]
+    got = {(s.labels["reason"], s.labels["server_port"]): s.value for s in fam.samples
+           if s.name == "clovisor_untraced_total"}  # fmt: skip
+    assert got == {("unrecognized", "50051"): 3, ("encrypted", "8080"): 1}
+    assert fam.type == "counter"

@@ -100,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kube_flags(t, "for --pod")
     t.add_argument("--port", action="append", default=[], type=_spec(parse_port),
                    metavar="PORT[:PROTOCOL]",
-                   help="server port behind the interface; protocol http (default) or tcp")
+                   help="server port behind the interface; protocol http (default), http2, "
+                        "grpc or tcp")
     t.add_argument("--egress", action="append", default=[], type=_spec(parse_egress),
-                   metavar="IP:PORT", help="trace requests to IP:PORT as CLIENT (0:PORT = any IP)")
+                   metavar="IP:PORT[:PROTOCOL]",
+                   help="trace requests to IP:PORT as CLIENT (0:PORT = any IP); protocol as "
+                        "for --port")
     t.add_argument("-o", "--output", action="append", type=_spec(parse_output), metavar="SPEC",
                    help="console (default), json[:PATH] (one JSON object per session; stdout "
                         "unless PATH), otlp-json:PATH ('-' = stdout), otlp:grpc://HOST:PORT, "
@@ -384,6 +387,7 @@ def _trace(args: argparse.Namespace) -> int:
         span_filter=telemetry.sampler.filter,
         beat=telemetry.health.beat,
     )
+    telemetry.metrics.register_untraced(tracer.untraced)
     telemetry.metrics.register_health(
         lambda: {**tracer.health_stats(), "spans_sampled_out": telemetry.sampler.sampled_out}
     )
@@ -530,6 +534,7 @@ def _agent(args: argparse.Namespace) -> int:
     except ExporterConfigError as exc:
         telemetry.close()
         raise UsageError(str(exc)) from None
+    telemetry.metrics.register_untraced(lambda: agent.tracer.untraced())
     telemetry.metrics.register_health(
         lambda: {**agent.tracer.health_stats(), **agent.health_stats(),
                  "spans_sampled_out": telemetry.sampler.sampled_out}

@@ -1,10 +1,11 @@
 """``clovisor demo``: a pod network from namespaces, a real server, real clients, traced.
 
 It builds a "node" namespace with two "pod" namespaces (web, client) on veth
-pairs, starts the demo HTTP server in the web pod, runs ``clovisor trace`` in
-the node namespace on the web pod's host-side veth (as the DaemonSet agent
-would), drives a varied mix of curl requests from the client pod, and then
-stops the tracer (which prints its totals) and removes everything.
+pairs, starts the demo HTTP server and the demo gRPC service in the web pod,
+runs ``clovisor trace`` in the node namespace on the web pod's host-side veth
+(as the DaemonSet agent would), drives a varied mix of curl requests and
+gRPC calls (unary, streaming, errors, a deadline) from the client pod, and
+then stops the tracer (which prints its totals) and removes everything.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from .kernel.errors import NotSupported
@@ -20,6 +22,13 @@ from .kernel.features import require
 from .topology import Topology
 
 PORT = 8080
+GRPC_PORT = 50051
+# The demo gRPC client's scenarios (clovisor.demo_grpc), with what each shows.
+GRPC_CASES = (
+    ("unary", "gRPC: unary calls on one channel"),
+    ("streams", "gRPC: server, client and bidirectional streaming"),
+    ("errors", "gRPC: errors (INVALID_ARGUMENT ... UNAVAILABLE) and a deadline"),
+)
 
 
 def _requests(v4: str, v6: str) -> list[tuple[str, list[str]]]:
@@ -52,17 +61,22 @@ def run_demo(requests: int = 40) -> int:
     except NotSupported as exc:
         print(f"clovisor demo: this machine cannot run eBPF tracing: {exc}", file=sys.stderr)
         return 2
-    with Topology(prefix="clvdemo", pods=("web", "client")) as topo:
+    with Topology(prefix="clvdemo", pods=("web", "client")) as topo, \
+            tempfile.TemporaryDirectory(prefix="clvdemo-") as tmp:
         web, client = topo.pods["web"], topo.pods["client"]
         topo.spawn(web.netns, [sys.executable, "-m", "clovisor.demo_server", "--port", str(PORT)],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        topo.spawn(web.netns, [sys.executable, "-m", "clovisor.demo_grpc", "server",
+                               "--port", str(GRPC_PORT), "--log", f"{tmp}/calls.jsonl"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         topo.wait_for_port(client.netns, web.ipv4, PORT)
-        print(f"== demo: pod 'web' {web.ipv4} / {web.ipv6} serves HTTP on :{PORT}; "
-              f"its host-side veth in the node namespace is {web.host_ifname}")
+        topo.wait_for_port(client.netns, web.ipv4, GRPC_PORT, timeout=20)
+        print(f"== demo: pod 'web' {web.ipv4} / {web.ipv6} serves HTTP on :{PORT} and gRPC "
+              f"on :{GRPC_PORT}; its host-side veth in the node namespace is {web.host_ifname}")
         tracer = topo.spawn(
             topo.node_ns,
             [sys.executable, "-m", "clovisor", "trace", "--iface", web.host_ifname,
-             "--port", str(PORT), "--service", "demo-web",
+             "--port", str(PORT), "--port", f"{GRPC_PORT}:grpc", "--service", "demo-web",
              "--resource-attr", "k8s.pod.name=web"],
             stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
@@ -82,6 +96,11 @@ def run_demo(requests: int = 40) -> int:
             stdin = b"p" * 262_144 if "@-" in args else None
             topo.run(client.netns, ["curl", "-s", "-o", "/dev/null", "--max-time", "5", *args],
                      check=False, input=stdin, text=False)
+        for scenario, label in GRPC_CASES:
+            print(f"== client: {label}", flush=True)
+            topo.run(client.netns, [sys.executable, "-m", "clovisor.demo_grpc", "client",
+                                    "--target", f"{web.ipv4}:{GRPC_PORT}", "--count", "3",
+                                    scenario], check=False, timeout=60)  # fmt: skip
         time.sleep(0.5)  # the ring is read every 100 ms
         tracer.send_signal(signal.SIGINT)
         try:

@@ -29,6 +29,15 @@ traces, never metrics, so rates and percentiles stay exact):
   spans are shed: every exchange is counted once, from its session or from
   the kernel.
 
+- ``rpc_server_call_duration_seconds`` and ``rpc_client_call_duration_seconds``
+  (histograms): gRPC calls instead of the HTTP histograms, as the OTel RPC
+  conventions name them (``rpc.server.call.duration``, unit ``s``). Labels,
+  exactly: ``service_name``, ``service_namespace``, ``rpc_system_name``
+  (``grpc``), ``rpc_method`` (the full method, ``package.Service/Method``;
+  past :data:`MAX_RPC_METHODS` distinct ones per kind, ``_OTHER``) and
+  ``rpc_response_status_code`` (``OK``, ``NOT_FOUND``, ...; empty when the
+  call ended without a status). Same buckets, same overflow rule.
+
 - ``clovisor_sessions_total{service_name, service_namespace, outcome}`` (counter): every
   session, HTTP and TCP, by outcome (``complete``, ``reset``, ``closed``,
   ``timeout``, ``shutdown``). Failures that a status-code label cannot show
@@ -41,11 +50,18 @@ Agent health, read from the runtime at scrape time (see
 ``clovisor_sessions_emitted_total``, ``clovisor_exchanges_paired_total``,
 ``clovisor_exchanges_shed_total``, ``clovisor_handovers_total``,
 ``clovisor_connections_evicted_total``,
-``clovisor_lost_responses_total``, ``clovisor_spans_exported_total``,
+``clovisor_lost_responses_total``, ``clovisor_encrypted_connections_total``,
+``clovisor_unrecognized_connections_total``, ``clovisor_http2_framing_lost_total``,
+``clovisor_spans_exported_total``,
 ``clovisor_spans_failed_total``,
 ``clovisor_spans_dropped_total``, ``clovisor_spans_sampled_out_total``,
 ``clovisor_export_queue_size``, ``clovisor_tracked_connections``,
 ``clovisor_buffered_bytes``; plus ``clovisor_build_info{version}``.
+
+What was not traced, by reason and port (see :meth:`Metrics.register_untraced`):
+``clovisor_untraced_total{reason, server_port}``, ``reason`` one of
+``encrypted``, ``unrecognized``, ``parse_error``, ``truncated``, ``lost``, so an
+operator sees which ports need another protocol (or a longer capture).
 
 The process's own: prometheus_client's standard ``process_*`` (CPU seconds,
 resident and virtual memory, open file descriptors, start time) and
@@ -88,7 +104,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .core.events import Outcome, Role, Session
-from .export.spans import KNOWN_METHODS
+from .export.spans import GRPC_CODES, KNOWN_METHODS
 from .routes import RouteFolder
 from .specs import SpecError, parse_port_number
 
@@ -96,7 +112,9 @@ __all__ = [
     "BUCKETS",
     "HEALTH_METRICS",
     "LABELS",
+    "MAX_RPC_METHODS",
     "OVERFLOW_ROUTE",
+    "RPC_LABELS",
     "Metrics",
     "parse_listen_address",
 ]
@@ -112,6 +130,16 @@ LABELS: Final = (
     "http_response_status_code",
     "http_route",
 )
+RPC_LABELS: Final = (
+    "service_name",
+    "service_namespace",
+    "rpc_system_name",
+    "rpc_method",
+    "rpc_response_status_code",
+)
+# Distinct rpc_method values kept per kind (the wire names them: a client
+# could send any path); beyond, a new one is "_OTHER" as semconv spells it.
+MAX_RPC_METHODS: Final = 1000
 _SESSION_LABELS: Final = ("service_name", "service_namespace", "outcome")
 DEFAULT_MAX_SERIES: Final = 10_000
 # Where label sets beyond max_series go, like the OTel SDK's overflow series.
@@ -124,6 +152,12 @@ _CLIENT_NAME: Final = "http_client_request_duration_seconds"
 _SERVER_HELP: Final = "Duration of HTTP server requests seen on the wire."
 _CLIENT_HELP: Final = "Duration of HTTP client requests seen on the wire."
 _SESSIONS_HELP: Final = "Sessions (request/response exchanges or TCP connections) by outcome."
+_RPC_SERVER_NAME: Final = "rpc_server_call_duration_seconds"
+_RPC_CLIENT_NAME: Final = "rpc_client_call_duration_seconds"
+_RPC_SERVER_HELP: Final = "Duration of gRPC calls served, seen on the wire."
+_RPC_CLIENT_HELP: Final = "Duration of gRPC calls made, seen on the wire."
+# A gRPC code's label: its semconv name, or the number beyond the known ones.
+_GRPC_LABELS: Final = {i: name for i, name in enumerate(GRPC_CODES)}
 
 # health key -> (metric name without _total, type, help)
 HEALTH_METRICS: Final[Mapping[str, tuple[str, str, str]]] = {
@@ -136,7 +170,7 @@ HEALTH_METRICS: Final[Mapping[str, tuple[str, str, str]]] = {
     "parse_errors": (
         "clovisor_parse_errors",
         "counter",
-        "Messages the HTTP/1.x parser rejected (TLS, HTTP/2 or garbage on a traced port).",
+        "Messages (or HTTP/2 directions) their port's parser rejected.",
     ),
     "malformed_records": (
         "clovisor_malformed_records",
@@ -168,6 +202,21 @@ HEALTH_METRICS: Final[Mapping[str, tuple[str, str, str]]] = {
         "clovisor_lost_responses",
         "counter",
         "Requests not reported because their response was in records the ring lost.",
+    ),
+    "encrypted": (
+        "clovisor_encrypted_connections",
+        "counter",
+        "Connections of traced ports that began with a TLS ClientHello.",
+    ),
+    "unrecognized": (
+        "clovisor_unrecognized_connections",
+        "counter",
+        "Connections whose first bytes were no protocol of their port.",
+    ),
+    "http2_framing_lost": (
+        "clovisor_http2_framing_lost",
+        "counter",
+        "Times an HTTP/2 direction lost its frame boundaries (beyond the capture, or lost).",
     ),
     "spans_exported": ("clovisor_spans_exported", "counter", "Spans the exporters accepted."),
     "spans_failed": ("clovisor_spans_failed", "counter", "Spans an exporter failed to deliver."),
@@ -201,6 +250,8 @@ _HEALTH_KEY_RE: Final = re.compile(r"[a-z][a-z0-9_]*")
 
 # Series key: (role, service, namespace, method, status, route); value: [sum, buckets...].
 _Key = tuple[Role, str, str, str, str, str]
+# (role, service, namespace, rpc method, status).
+_RpcKey = tuple[Role, str, str, str, str]
 # A session's (service.name, service.namespace).
 ServiceOf = Callable[[Session], tuple[str, str]]
 
@@ -228,6 +279,9 @@ class _Red(Collector):
         self.max_series = max_series
         self.lock = threading.Lock()
         self.series: dict[_Key, list[float]] = {}
+        # gRPC: (role, service, namespace, rpc method, status) -> [sum, buckets...].
+        self.rpc_series: dict[_RpcKey, list[float]] = {}
+        self.rpc_methods: dict[Role, set[str]] = {Role.SERVER: set(), Role.CLIENT: set()}
         self.outcomes: dict[tuple[str, str, Outcome], int] = {}
         self.unseen: list[UnseenSource] = []
         # Status codes are three digits off the wire; str() per session
@@ -251,6 +305,8 @@ class _Red(Collector):
                 req = s.request
                 if req is None or outcome is shutdown:
                     continue
+                if s.attributes and self._observe_rpc(s, service, namespace):
+                    continue
                 resp = s.response
                 status = "" if resp is None else status_labels.get(resp.status_code, "_OTHER")
                 method = req.method
@@ -272,6 +328,43 @@ class _Red(Collector):
                 # bisect_left: the first bound >= seconds, i.e. the "le" bucket.
                 entry[1 + bisect_left(bounds, seconds)] += 1
 
+    def _observe_rpc(self, s: Session, service: str, namespace: str) -> bool:
+        """Count a gRPC call in the RPC histograms; False if the session is no call."""
+        system = service_method = rpc_method = ""
+        code: int | None = None
+        for k, v in s.attributes:
+            if k == "rpc.system":
+                system = str(v)
+            elif k == "rpc.service":
+                service_method = str(v)
+            elif k == "rpc.method":
+                rpc_method = str(v)
+            elif k == "rpc.grpc.status_code" and isinstance(v, int):
+                code = v
+        if system != "grpc":
+            return False
+        method = f"{service_method}/{rpc_method}" if service_method and rpc_method else "_OTHER"
+        known = self.rpc_methods[s.role]
+        if method not in known:
+            if len(known) >= MAX_RPC_METHODS:
+                method = "_OTHER"
+            else:
+                known.add(method)
+        status = "" if code is None else _GRPC_LABELS.get(code, str(code))
+        key = (s.role, service, namespace, method, status)
+        entry = self.rpc_series.get(key)
+        if entry is None:
+            if len(self.rpc_series) >= self.max_series:
+                key = (s.role, service, namespace, "_OTHER", "_OTHER")
+                entry = self.rpc_series.get(key)
+            if entry is None:
+                entry = [0.0, *([0] * (1 + len(BUCKETS)))]
+                self.rpc_series[key] = entry
+        seconds = max(0.0, (s.end_ns - s.start_ns) / 1e9)
+        entry[0] += seconds
+        entry[1 + bisect_left(BUCKETS, seconds)] += 1
+        return True
+
     def _new_series(self, key: _Key) -> list[float]:
         if len(self.series) >= self.max_series:
             # Route folding bounds routes, but method x status x route x
@@ -291,6 +384,8 @@ class _Red(Collector):
             HistogramMetricFamily(_SERVER_NAME, _SERVER_HELP, labels=LABELS),
             HistogramMetricFamily(_CLIENT_NAME, _CLIENT_HELP, labels=LABELS),
             CounterMetricFamily("clovisor_sessions", _SESSIONS_HELP, labels=_SESSION_LABELS),
+            HistogramMetricFamily(_RPC_SERVER_NAME, _RPC_SERVER_HELP, labels=RPC_LABELS),
+            HistogramMetricFamily(_RPC_CLIENT_NAME, _RPC_CLIENT_HELP, labels=RPC_LABELS),
         ]
 
     def _unseen(self) -> dict[_Key, list[float]]:
@@ -314,6 +409,7 @@ class _Red(Collector):
         unseen = self._unseen()
         with self.lock:
             series = [(k, list(v)) for k, v in self.series.items()]
+            rpc_series = [(k, list(v)) for k, v in self.rpc_series.items()]
             outcomes = list(self.outcomes.items())
         merged = dict(series)
         for key, extra in unseen.items():
@@ -324,17 +420,65 @@ class _Red(Collector):
         server = HistogramMetricFamily(_SERVER_NAME, _SERVER_HELP, labels=LABELS)
         client = HistogramMetricFamily(_CLIENT_NAME, _CLIENT_HELP, labels=LABELS)
         for (role, service, namespace, method, status, route), entry in series:
-            cumulative: float = 0
-            buckets: list[tuple[str, float]] = []
-            for le, n in zip(_LE, entry[1:], strict=True):
-                cumulative += n
-                buckets.append((le, cumulative))
             family = server if role is Role.SERVER else client
-            family.add_metric([service, namespace, method, status, route], buckets, entry[0])
+            family.add_metric([service, namespace, method, status, route], _buckets(entry),
+                              entry[0])  # fmt: skip
+        rpc_server = HistogramMetricFamily(_RPC_SERVER_NAME, _RPC_SERVER_HELP, labels=RPC_LABELS)
+        rpc_client = HistogramMetricFamily(_RPC_CLIENT_NAME, _RPC_CLIENT_HELP, labels=RPC_LABELS)
+        for (role, service, namespace, rpc_method, status), entry in rpc_series:
+            family = rpc_server if role is Role.SERVER else rpc_client
+            family.add_metric([service, namespace, "grpc", rpc_method, status], _buckets(entry),
+                              entry[0])  # fmt: skip
         sessions = CounterMetricFamily("clovisor_sessions", _SESSIONS_HELP, labels=_SESSION_LABELS)
         for (service, namespace, outcome), n in outcomes:
             sessions.add_metric([service, namespace, outcome.value], n)
-        return [server, client, sessions]
+        return [server, client, sessions, rpc_server, rpc_client]
+
+
+def _buckets(entry: list[float]) -> list[tuple[str, float]]:
+    """Cumulative ``le`` buckets of a series' per-bucket counts."""
+    cumulative: float = 0
+    buckets: list[tuple[str, float]] = []
+    for le, n in zip(_LE, entry[1:], strict=True):
+        cumulative += n
+        buckets.append((le, cumulative))
+    return buckets
+
+
+_UNTRACED_HELP: Final = (
+    "Traffic of server ports not traced as their protocol, by reason: encrypted and "
+    "unrecognized count connections, parse_error parse errors, truncated header blocks "
+    "or HTTP/2 frame headers beyond the capture, lost requests or HTTP/2 framing lost "
+    "to records the ring dropped."
+)
+Untraced = Callable[[], Mapping[tuple[str, int], int]]
+
+
+class _Untraced(Collector):
+    """``clovisor_untraced_total{reason, server_port}``, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.sources: list[Untraced] = []
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[tuple[str, int], int] = {}
+        for source in list(self.sources):
+            try:
+                values = source()
+            except Exception:
+                log.exception("untraced source %r failed", source)
+                continue
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0) + value
+        family = CounterMetricFamily(
+            "clovisor_untraced", _UNTRACED_HELP, labels=["reason", "server_port"]
+        )
+        for (reason, port), n in sorted(totals.items()):
+            family.add_metric([reason, str(port)], n)
+        yield family
 
 
 class _Health(Collector):
@@ -393,8 +537,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._red = _Red(routes if routes is not None else RouteFolder(), max_series)
         self._health = _Health()
+        self._untraced = _Untraced()
         self.registry.register(self._red)
         self.registry.register(self._health)
+        self.registry.register(self._untraced)
         # The agent's own CPU, memory, file descriptors and GC, as every
         # Python exporter shows them.
         ProcessCollector(registry=self.registry)
@@ -426,6 +572,14 @@ class Metrics:
         counters, never block.
         """
         self._health.sources.append(source)
+
+    def register_untraced(self, source: Untraced) -> None:
+        """Read ``source()`` at every scrape: (reason, server port) -> count.
+
+        It is the ``clovisor_untraced_total`` counter; the reasons are
+        :data:`clovisor.core.sessions.UNTRACED_REASONS`.
+        """
+        self._untraced.sources.append(source)
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """(body, content type) of the exposition; OpenMetrics if ``accept`` asks."""

@@ -111,6 +111,8 @@ class Totals:
     export_failures: int
     exchanges: int = 0  # exchanges the kernel paired (their records, and held ones ended)
     exchanges_shed: int = 0  # exchange records shed in the kernel (counted in its RED map)
+    encrypted: int = 0
+    unrecognized: int = 0
 
     def __str__(self) -> str:
         return (
@@ -118,6 +120,8 @@ class Totals:
             f"sessions emitted {self.sessions}, parse errors {self.parse_errors}, "
             f"exchanges paired {self.exchanges}"
             + (f", exchanges shed {self.exchanges_shed}" if self.exchanges_shed else "")
+            + (f", encrypted {self.encrypted}" if self.encrypted else "")
+            + (f", unrecognized {self.unrecognized}" if self.unrecognized else "")
             + (f", malformed records {self.malformed_records}" if self.malformed_records else "")
             + (f", export failures {self.export_failures}" if self.export_failures else "")
         )
@@ -234,6 +238,8 @@ class Tracer:
             export_failures=self.export_failures,
             exchanges=self.tracker.stats.exchanges,
             exchanges_shed=counters.get("shed", 0),
+            encrypted=self.tracker.stats.encrypted,
+            unrecognized=self.tracker.stats.unrecognized,
         )
 
     # -- targets ---------------------------------------------------------------------
@@ -371,6 +377,11 @@ class Tracer:
         self._beat("tracker")
         tracker = self.tracker
         sessions = tracker.feed_many(segs) if segs else []
+        samples = tracker.take_samples()
+        if samples and log.isEnabledFor(logging.DEBUG):
+            for port, first in samples:
+                log.debug("port %d: a connection whose first bytes are no protocol of the "
+                          "port (unrecognized): %r", port, first)  # fmt: skip
         if now_ns - self._last_advance >= _ADVANCE_NS:
             self._last_advance = now_ns
             sessions += tracker.advance(now_ns)
@@ -454,6 +465,9 @@ class Tracer:
             "handovers": stats.handovers,
             "connections_evicted": stats.evicted,
             "lost_responses": stats.lost_responses,
+            "encrypted": stats.encrypted,
+            "unrecognized": stats.unrecognized,
+            "http2_framing_lost": stats.framing_lost,
             "tracked_connections": len(self.tracker),
             "buffered_bytes": stats.buffered_bytes,
         }
@@ -467,6 +481,10 @@ class Tracer:
                         key = "export_queue_size" if k == "queue_size" else k
                         out[key] = out.get(key, 0) + int(v)
         return out
+
+    def untraced(self) -> dict[tuple[str, int], int]:
+        """(reason, server port) -> what the tracker could not trace, and why (a copy)."""
+        return self.tracker.stats.untraced
 
     def _export(self, spans: list[SpanRecord]) -> None:
         """Hand spans to every output's queue (never blocks)."""

@@ -15,7 +15,12 @@ from .core.events import Protocol
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-PROTOCOLS = {"http": Protocol.HTTP, "tcp": Protocol.TCP}
+PROTOCOLS = {
+    "http": Protocol.HTTP,
+    "tcp": Protocol.TCP,
+    "http2": Protocol.HTTP2,
+    "grpc": Protocol.GRPC,
+}
 DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 # Kubernetes object names (pods, nodes) and label key prefixes.
 DNS_SUBDOMAIN = re.compile(
@@ -97,11 +102,11 @@ def parse_address(text: str) -> IPAddress | None:
 
 
 def parse_egress(text: str, *, allow_prefix: bool = False) -> EgressSpec:
-    """``IP:PORT`` (``0:PORT`` = any address; ``[v6]:PORT`` for IPv6).
+    """``IP:PORT[:PROTOCOL]`` (``0:PORT`` = any address; ``[v6]:PORT`` for IPv6).
 
-    With ``allow_prefix`` (Redis ``clovisor_egress_match``), an optional
-    third field ``:POD_PREFIX`` limits the rule to pods whose name starts
-    with it.
+    The protocol is ``http`` by default. With ``allow_prefix`` (Redis
+    ``clovisor_egress_match``), the optional third field is ``:POD_PREFIX``
+    instead, which limits the rule to pods whose name starts with it.
     """
     rest = text.strip()
     if rest.startswith("["):
@@ -113,17 +118,18 @@ def parse_egress(text: str, *, allow_prefix: bool = False) -> EgressSpec:
         addr_s, sep, rest = rest.partition(":")
         if not sep:
             raise SpecError(f"egress {text!r}: expected IP:PORT")
-    port_s, sep, prefix = rest.partition(":")
-    if sep and not allow_prefix:
-        raise SpecError(f"egress {text!r}: expected IP:PORT")
-    if sep and not prefix:
-        raise SpecError(f"egress {text!r}: empty pod prefix")
+    port_s, sep, third = rest.partition(":")
+    if sep and not third:
+        what = "pod prefix" if allow_prefix else "protocol"
+        raise SpecError(f"egress {text!r}: empty {what}")
     try:
         addr = parse_address(addr_s)
         port = parse_port_number(port_s, "port")
+        proto = parse_protocol(third) if sep and not allow_prefix else Protocol.HTTP
     except SpecError as exc:
         raise SpecError(f"egress {text!r}: {exc}") from None
-    return EgressSpec(addr=addr, port=port, pod_prefix=prefix)
+    return EgressSpec(addr=addr, port=port, protocol=proto,
+                      pod_prefix=third if allow_prefix else "")
 
 
 # Scheme of an ``otlp:`` output -> (kind, scheme of the target URL, default port).

@@ -2,13 +2,14 @@
 
 The module builds one :class:`~clovisor.topology.Topology` as the node: pods
 ``web`` and ``api`` run the demo HTTP server, ``cache`` runs a redis-server
-(an inline line protocol, for the parser plugin), ``client`` runs curl and
-raw sockets. Inside the node namespace, where the agent runs (it is
-hostNetwork there), each test starts its own in-test Kubernetes API server
-and OTLP/gRPC receivers; one real redis-server serves the whole module and
-is emptied before each test. The agent is the real ``python -m clovisor
-agent`` subprocess; what it did is read from the kernel (TCX links and tc
-filters on the veths), from the spans the receivers decoded and from its log.
+(an inline line protocol, for the parser plugin), ``greeter`` the demo gRPC
+service, ``client`` runs curl, the gRPC client and raw sockets. Inside the
+node namespace, where the agent runs (it is hostNetwork there), each test
+starts its own in-test Kubernetes API server and OTLP/gRPC receivers; one
+real redis-server serves the whole module and is emptied before each test.
+The agent is the real ``python -m clovisor agent`` subprocess; what it did
+is read from the kernel (TCX links and tc filters on the veths), from the
+spans the receivers decoded and from its log.
 
 Nothing waits a fixed time for an outcome: every wait polls a condition.
 Teardown kills the agents still running (by the pid we started), removes
@@ -48,6 +49,7 @@ pytestmark = pytest.mark.kernel
 NODE = "node-a"
 HTTP_PORT = 8080
 CACHE_PORT = 6379
+GRPC_PORT = 50051
 METRICS_PORT = 9464  # in the node namespace, which only this module uses
 WAIT = 15.0  # upper bound of every poll; conditions are usually met in well under 2 s
 TOTALS = "segments seen"
@@ -115,7 +117,7 @@ def _wait_port(topo: Topology, pod: Pod, port: int) -> None:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     tmp = tmp_path_factory.mktemp("agent-e2e")
-    with Topology(prefix="clva", pods=("web", "api", "cache", "client")) as topo:
+    with Topology(prefix="clva", pods=("web", "api", "cache", "client", "greeter")) as topo:
         for name in ("web", "api"):
             topo.spawn(topo.pods[name].netns,
                        [sys.executable, "-m", "clovisor.demo_server", "--port", str(HTTP_PORT)],
@@ -127,7 +129,12 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                     "--save", "", "--appendonly", "no", "--protected-mode", "no",
                     "--dir", str(cache_dir), "--logfile", str(cache_dir / "redis.log")],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for name, port in (("web", HTTP_PORT), ("api", HTTP_PORT), ("cache", CACHE_PORT)):
+        topo.spawn(topo.pods["greeter"].netns,
+                   [sys.executable, "-m", "clovisor.demo_grpc", "server", "--port", str(GRPC_PORT),
+                    "--log", str(tmp / "greeter-calls.jsonl")],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name, port in (("web", HTTP_PORT), ("api", HTTP_PORT), ("cache", CACHE_PORT),
+                           ("greeter", GRPC_PORT)):
             _wait_port(topo, topo.pods[name], port)
         config_dir = tmp / "redis"
         config_dir.mkdir()
@@ -173,6 +180,8 @@ SERVICES = [
     make_service("api", namespace="shop", selector={"app": "api"},
                  ports=[("http-api", 80, HTTP_PORT)]),
     make_service("cache", selector={"app": "cache"}, ports=[("lineproto", CACHE_PORT, "redis")]),
+    # A port named grpc (Istio style), to the container port named grpc.
+    make_service("greeter", selector={"app": "greeter"}, ports=[("grpc", 80, "grpc")]),
 ]
 
 
@@ -699,3 +708,37 @@ def test_two_services_web_in_two_namespaces_stay_apart_in_spans_and_metrics(
     text = node.get("/metrics")[1]
     assert "process_resident_memory_bytes" in text and "python_info" in text
     assert a.proc.poll() is None
+
+
+def test_a_pod_behind_a_port_named_grpc_gets_grpc_spans_and_rpc_metrics(
+    node: Node, kube: KubeServer, jaeger: GrpcReceiver, agent: AgentFactory
+) -> None:
+    greeter = node.pod("greeter")
+    kube.add_pod(make_pod("greeter", node=NODE, ip=greeter.ipv4, labels={"app": "greeter"},
+                          ports=[("grpc", GRPC_PORT)], container="greeter"))
+    a = agent()
+    wait_traced(node, "greeter")
+    a.wait_log(f"tracing pod default/greeter on {greeter.host_ifname}: ports {GRPC_PORT}/grpc")
+    node.topo.run(node.pod("client").netns, [
+        sys.executable, "-m", "clovisor.demo_grpc", "client",
+        "--target", f"{greeter.ipv4}:{GRPC_PORT}", "--count", "3", "unary"], timeout=30)
+    found = wait_spans(jaeger, of_pod("greeter"), n=3)
+    assert len(found) == 3
+    for s in found:
+        assert s.name == "demo.Echo/Unary" and s.resource["service.name"] == "greeter"
+        assert (s.attrs["rpc.system"], s.attrs["rpc.service"], s.attrs["rpc.method"]) == (
+            "grpc", "demo.Echo", "Unary")
+        assert s.attrs["rpc.grpc.status_code"] == 0 and s.attrs["server.port"] == GRPC_PORT
+
+    def calls() -> float:
+        for fam in text_string_to_metric_families(node.get("/metrics")[1]):
+            for sample in fam.samples:
+                if (sample.name == "rpc_server_call_duration_seconds_count"
+                        and sample.labels["rpc_method"] == "demo.Echo/Unary"):  # fmt: skip
+                    assert sample.labels["service_name"] == "greeter"
+                    assert sample.labels["rpc_response_status_code"] == "OK"
+                    return sample.value
+        return 0.0
+
+    wait_until(lambda: calls() == 3, "the RPC histogram counts the three calls")
+    assert a.stop() == 0

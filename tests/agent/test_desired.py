@@ -63,11 +63,22 @@ def test_protocol_from_port_name_and_app_protocol() -> None:
     assert port_protocol(ServicePort(name="http", port=1, target_port=1)) == "http"
     assert port_protocol(ServicePort(name="http-web", port=1, target_port=1)) == "http"
     assert port_protocol(ServicePort(name="tcp-db", port=1, target_port=1)) == "tcp"
-    assert port_protocol(ServicePort(name="grpc", port=1, target_port=1)) is None
+    assert port_protocol(ServicePort(name="grpc", port=1, target_port=1)) == "grpc"
+    assert port_protocol(ServicePort(name="grpc-api", port=1, target_port=1)) == "grpc"
+    assert port_protocol(ServicePort(name="grpc-web", port=1, target_port=1)) == "http"
+    assert port_protocol(ServicePort(name="http2", port=1, target_port=1)) == "http2"
+    assert port_protocol(ServicePort(name="http2-x", port=1, target_port=1)) == "http2"
+    assert port_protocol(ServicePort(name="h2c", port=1, target_port=1)) == "http2"
+    assert port_protocol(ServicePort(name="h2c-x", port=1, target_port=1)) == "http2"
+    assert port_protocol(ServicePort(name="grpcx", port=1, target_port=1)) is None
+    for app, want in (("grpc", "grpc"), ("http2", "http2"), ("kubernetes.io/h2c", "http2"),
+                      ("kubernetes.io/ws", None)):
+        sp = ServicePort(name="tcp", port=1, target_port=1, app_protocol=app)
+        assert port_protocol(sp) == want, app
     web = ServicePort(name="web", port=1, target_port=1, app_protocol="http")
     assert port_protocol(web) == "http"
-    assert port_protocol(ServicePort(name="http", port=1, target_port=1,
-                                     app_protocol="kubernetes.io/h2c")) is None
+    assert port_protocol(ServicePort(name="grpc", port=1, target_port=1,
+                                     app_protocol="kubernetes.io/h2c")) == "http2"
     assert port_protocol(ServicePort(name="http", port=1, target_port=1, protocol="UDP")) is None
     assert port_protocol(ServicePort(name="redis", port=1, target_port=1),
                          frozenset({"http", "tcp", "redis"})) == "redis"

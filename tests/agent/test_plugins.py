@@ -104,9 +104,9 @@ def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 def test_builtins_present_and_work() -> None:
     reg = ParserRegistry()
-    assert reg.names() == ("http", "tcp")
+    assert reg.names() == ("grpc", "http", "http2", "tcp")
     assert reg.enabled("http") and reg.enabled("tcp")
-    assert reg.enabled_names() == frozenset({"http", "tcp"})
+    assert reg.enabled_names() == frozenset({"http", "tcp", "http2", "grpc"})
     http, tcp = reg.get("http"), reg.get("tcp")
     assert http is not None and tcp is not None
 
@@ -130,16 +130,17 @@ def test_builtins_present_and_work() -> None:
 def test_kernel_ids_are_given_once_and_kept() -> None:
     reg = ParserRegistry()
     assert reg.kernel_id("http") == Protocol.HTTP and reg.kernel_id("tcp") == Protocol.TCP
-    assert reg.kernel_id("lineproto") == 3 and reg.kernel_id("other") == 4
-    assert reg.kernel_id("lineproto") == 3
-    assert reg.name_of(3) == "lineproto" and reg.name_of(99) is None
-    assert reg.by_id(3) is None  # an id, but no parser loaded for it yet
+    assert reg.kernel_id("http2") == Protocol.HTTP2 and reg.kernel_id("grpc") == Protocol.GRPC
+    assert reg.kernel_id("lineproto") == 5 and reg.kernel_id("other") == 6
+    assert reg.kernel_id("lineproto") == 5
+    assert reg.name_of(5) == "lineproto" and reg.name_of(99) is None
+    assert reg.by_id(5) is None  # an id, but no parser loaded for it yet
     assert reg.load("lineproto", "lineproto") is True
-    factory = reg.by_id(3)
+    factory = reg.by_id(5)
     assert factory is not None and factory is reg.get("lineproto")
     reg.unload("lineproto")
-    assert reg.by_id(3) is None and reg.kernel_id("lineproto") == 3  # never reused
-    for i in range(5, 256):
+    assert reg.by_id(5) is None and reg.kernel_id("lineproto") == 5  # never reused
+    for i in range(7, 256):
         assert reg.kernel_id(f"p{i}") == i
     assert reg.kernel_id("one_too_many") is None
 
@@ -316,7 +317,7 @@ def test_missing_broken_and_wrong_interface(
         assert not reg.enabled(proto)
         assert why in (reg.error(proto) or ""), (proto, reg.error(proto))
         assert f"parser plugin {proto!r} disabled" in logged(caplog)
-    assert reg.enabled_names() == frozenset({"http", "tcp"})
+    assert reg.enabled_names() == frozenset({"http", "tcp", "http2", "grpc"})
     assert reg.load("lineproto", "lineproto") is True  # and the next plugin still loads
 
 
@@ -492,12 +493,12 @@ def test_factory_failing_at_runtime_gives_a_dead_connection(
 def test_apply_follows_the_redis_hash(plugin_dir: Callable[[str, str], str]) -> None:
     reg = ParserRegistry()
     reg.apply([("lineproto", "lineproto"), ("broken", "clovisor.parsers.nope")])
-    assert reg.names() == ("broken", "http", "lineproto", "tcp")
-    assert reg.enabled_names() == frozenset({"http", "tcp", "lineproto"})
+    assert reg.names() == ("broken", "grpc", "http", "http2", "lineproto", "tcp")
+    assert reg.enabled_names() == frozenset({"http", "tcp", "http2", "grpc", "lineproto"})
     first = reg.get("lineproto")
     reg.apply([("lineproto", "lineproto")])  # unchanged: not reloaded
     assert reg.get("lineproto") is first
-    assert reg.names() == ("http", "lineproto", "tcp")
+    assert reg.names() == ("grpc", "http", "http2", "lineproto", "tcp")
     reg.apply([])
-    assert reg.names() == ("http", "tcp")
+    assert reg.names() == ("grpc", "http", "http2", "tcp")
 

@@ -15,6 +15,7 @@ import h2.events
 import h2.settings
 
 from clovisor.core.events import Direction, Segment
+from clovisor.core.h2frames import H2_FRAME
 
 from .wire import Conversation
 
@@ -157,3 +158,48 @@ def frames(data: bytes) -> list[int]:
         sizes.append(n)
         pos += n
     return sizes
+
+
+def with_kernel_frames(segs: list[Segment], capture: int, isn: dict[Direction, int],
+                       *, skip: int = 0) -> list[Segment]:  # fmt: skip
+    """The segments as the classifier reports them on a port declared HTTP/2:
+    each carries the frame headers its captured prefix does not hold whole
+    (``clv_h2_frame`` records), found by walking the direction's frames from
+    its first byte (the client's after the preface). ``skip``: walk only
+    segments from that index (the classifier had no state before)."""
+    streams: dict[Direction, bytearray] = {REQ: bytearray(), RESP: bytearray()}
+    placed: list[tuple[Segment, int]] = []
+    for seg in segs:
+        off = (seg.seq - isn[seg.direction] - 1) & 0xFFFFFFFF
+        placed.append((seg, off))
+    # Each direction's whole stream, from segments built with a full capture.
+    heads: dict[Direction, list[int]] = {}
+    for d in (REQ, RESP):
+        data = streams[d]
+        for seg, off in placed:
+            if seg.direction is d and seg.payload_len:
+                assert len(seg.payload) == seg.payload_len, "build with a full capture"
+                if off == len(data):
+                    data += seg.payload
+        pos = 24 if d is REQ else 0
+        heads[d] = []
+        while pos + 9 <= len(data):
+            heads[d].append(pos)
+            pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
+    out = []
+    for i, (seg, off) in enumerate(placed):
+        n = seg.payload_len
+        data = streams[seg.direction]
+        frames = b""
+        if i >= skip and n:
+            for h in heads[seg.direction]:
+                if off <= h and h + 9 <= off + n and h + 9 > off + capture:
+                    head = bytes(data[h : h + 9])
+                    peek = b"" if head[3] == 0 else bytes(
+                        data[h + 9 : min(h + 9 + int.from_bytes(head[:3], "big"), off + n)]
+                    )[:48]
+                    frames += H2_FRAME.pack(h - off, head, len(peek), peek)
+        cap = seg.payload[:capture]
+        tail = seg.payload[-min(16, n - len(cap)):] if n > len(cap) else b""
+        out.append(seg._replace(payload=cap, tail=tail, frames=frames))
+    return out

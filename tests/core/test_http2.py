@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from clovisor.core.events import Direction, Outcome, Segment, Session
+from clovisor.core.events import Direction, Outcome, Protocol, Segment, Session
 from clovisor.core.http2 import Http2Connection, grpc_connection, http2_connection
 from clovisor.core.tracker import Limits, Tracker
 
-from .h2wire import RESP, H2Pair, frames, get, grpc_request
+from .h2wire import RESP, H2Pair, frames, get, grpc_request, with_kernel_frames
 from .wire import Conversation, bytewise
 
 H2 = 200  # a protocol id the test's lookup maps to the HTTP/2 connection
@@ -358,3 +358,77 @@ def test_request_trailers_after_an_early_response_open_no_stream() -> None:
     c = conv()
     out, _ = run(c.handshake() + p.segments(c) + c.close())
     assert len(out) == 1 and attrs(out[0])["rpc.grpc.status_code"] == 3
+
+
+@pytest.mark.parametrize("protocol", [Protocol.HTTP2, Protocol.GRPC])
+def test_declared_ports_are_http2_in_the_tracker_without_a_parser_lookup(
+    protocol: Protocol,
+) -> None:
+    p = H2Pair()
+    # No content-type recorded: only a port declared gRPC makes the stream an RPC.
+    sid = p.request([(":method", "POST"), (":scheme", "http"), (":path", "/pkg.Svc/Do"),
+                     (":authority", "svc")], b"\0\0\0\0\0")  # fmt: skip
+    p.respond(sid, body=b"\0\0\0\0\0", trailers=[("grpc-status", "5")])
+    c = Conversation(protocol=protocol, sport=50051)
+    t = Tracker(Limits(max_http2_streams=8))  # no parser lookup at all
+    out = t.feed_many(c.handshake() + p.segments(c) + c.close()) + t.close()
+    assert len(out) == 1 and out[0].protocol == protocol
+    assert out[0].outcome is Outcome.COMPLETE
+    a = attrs(out[0])
+    if protocol is Protocol.GRPC:
+        assert (a["rpc.system"], a["rpc.service"], a["rpc.method"]) == ("grpc", "pkg.Svc", "Do")
+        assert a["rpc.grpc.status_code"] == 5
+    else:
+        assert "rpc.system" not in a
+
+
+@pytest.mark.parametrize("capture", [64, 256, 1024])
+def test_frame_headers_from_the_classifier_keep_framing_beyond_the_capture(capture: int) -> None:
+    """GSO-sized segments of many frames each: the classifier's frame headers
+    keep the framing, the body sizes and the trailers' status."""
+    p = H2Pair(window=1 << 24)
+    body = bytes(range(256)) * 4096  # 1 MiB
+    # Each body one write of many frames, as a writer hands a message to TCP.
+    sid = p.request(grpc_request("/bulk.Store/Put"), end=False)
+    p.send_body(p.client, sid, body, end=True, frame_writes=False)
+    p.server.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+    p.send_body(p.server, sid, body, end=False, frame_writes=False)
+    p.server.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+    p.flush()
+    sid2 = p.request(grpc_request("/bulk.Store/Get"), b"\0\0\0\0\x02hi")
+    p.respond(sid2, body=b"\0\0\0\0\x02ok", trailers=[("grpc-status", "5"),
+                                                    ("grpc-message", "no such key")])
+    c = Conversation(capture=1 << 30, protocol=Protocol.GRPC, sport=50051)
+    isn = dict(c.seq)
+    # Whole writes cut into 64 KB segments, as GSO hands them to the hook.
+    segs = c.handshake() + p.segments(c, lambda d, b: [65000] * (len(b) // 65000 + 1))
+    segs = with_kernel_frames(segs + c.close(), capture, isn)
+    assert sum(len(s.frames) for s in segs) > 0
+    t = Tracker()
+    out = t.feed_many(segs) + t.close()
+    assert [s.request.target for s in out if s.request] == ["/bulk.Store/Put", "/bulk.Store/Get"]
+    put, get_ = out
+    assert put.outcome is Outcome.COMPLETE and get_.outcome is Outcome.COMPLETE
+    assert put.request is not None and put.request.body_size == 1 << 20
+    assert put.response is not None and put.response.body_size == 1 << 20
+    assert attrs(put)["rpc.grpc.status_code"] == 0
+    assert attrs(get_)["rpc.grpc.status_code"] == 5
+    assert attrs(get_)["clovisor.grpc.message"] == "no such key"
+    assert t.stats.parse_errors == 0 and t.stats.framing_lost == 0
+    assert t.stats.buffered_bytes == 0
+
+
+def test_without_the_classifiers_frame_headers_framing_is_lost_there() -> None:
+    p = H2Pair(window=1 << 24)
+    sid = p.request(grpc_request("/bulk.Store/Put"), end=False)
+    p.send_body(p.client, sid, b"x" * 300_000, end=True, frame_writes=False)
+    p.respond(sid, body=b"ok", trailers=[("grpc-status", "0")])
+    c = Conversation(capture=1 << 30, protocol=Protocol.GRPC, sport=50051)
+    isn = dict(c.seq)
+    segs = c.handshake() + p.segments(c, lambda d, b: [65000] * (len(b) // 65000 + 1))
+    # The classifier had no state for the flow (picked up late): no frame headers.
+    segs = with_kernel_frames(segs + c.close(), 256, isn, skip=len(segs) + 2)
+    t = Tracker()
+    out = t.feed_many(segs) + t.close()
+    assert len(out) == 1 and t.stats.framing_lost >= 1
+    assert t.stats.untraced.get(("truncated", 50051), 0) >= 1

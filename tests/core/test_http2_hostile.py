@@ -72,10 +72,24 @@ def test_an_interrupted_header_block_stops_that_direction() -> None:
         ("GET", Outcome.COMPLETE), ("GET", Outcome.CLOSED)]
 
 
-def test_not_a_preface() -> None:
+def test_not_a_preface_is_unrecognized_not_a_parse_error() -> None:
     c = conv()
-    out, t = run(c.handshake() + c.request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") + c.close())
+    segs = c.handshake() + c.request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    segs += c.response(b"HTTP/1.1 400 Bad Request\r\n\r\n") + c.close()
+    out, t = run(segs)
+    assert out == [] and t.stats.parse_errors == 0
+    assert t.stats.untraced == {("unrecognized", 50051): 1}
+    assert t.take_samples() == [(50051, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")]
+    assert t.take_samples() == []
+
+
+def test_a_preface_then_a_bad_frame_is_a_parse_error() -> None:
+    c = conv()
+    bad_settings = frame(4, 0, 0, b"12345")  # SETTINGS of a length no multiple of 6
+    segs = c.handshake() + c.request(PREFACE + bad_settings) + c.close()
+    out, t = run(segs)
     assert out == [] and t.stats.parse_errors == 1
+    assert t.stats.untraced == {("parse_error", 50051): 1}
 
 
 def test_a_header_block_over_the_bound_is_cut_not_held() -> None:

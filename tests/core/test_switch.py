@@ -117,7 +117,8 @@ def test_tls_on_a_traced_port(port: str) -> None:
     assert s.protocol_name == "tls" and a["tls.client.server_name"] == "api.example.svc"
     assert a["clovisor.tls.alpn"] == "h2,http/1.1"
     assert (s.request_bytes, s.response_bytes) == (len(hello) + 102, 2005)
-    assert t.stats.parse_errors == 0 and t._conn_stats.encrypted == 1
+    assert t.stats.parse_errors == 0 and t.stats.encrypted == 1
+    assert t.stats.untraced == {("encrypted", c.sport): 1}
 
 
 def test_http1_keeps_its_fast_path() -> None:

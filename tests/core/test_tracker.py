@@ -121,10 +121,11 @@ def test_large_bodies_beyond_capture(capture: int) -> None:
     segs = c.handshake() + c.request(req + body, [len(req) + 100] + [65000] * 60)
     segs += c.response(ok(b"R" * 2_000_000), [65000] * 40)
     segs += c.request(get("/after")) + c.response(ok(b"k"))
-    out, _ = run(segs + c.close())
+    out, t = run(segs + c.close())
     if capture < len(req):
         # The header block did not fit: the message is kept, its size is unknown.
         assert out[0].request is not None and out[0].request.header_truncated
+        assert t.stats.untraced[("truncated", 80)] >= 1
     else:
         assert out[0].request is not None and out[0].request.body_size == 3_000_000
         assert out[0].response is not None and out[0].response.body_size == 2_000_000
@@ -261,16 +262,24 @@ def test_closed_without_response() -> None:
 
 
 @pytest.mark.parametrize(
-    "garbage",
+    ("garbage", "reason"),
     # (A TLS record and the HTTP/2 preface are not garbage: see test_switch.py.)
-    [b"\x00" * 100, b"GET\r\n\r\n", b"GET / HTTP/1.1\r\nbad header line\r\n\r\n"],
+    [
+        # First bytes that cannot start a request: the port's protocol is not spoken.
+        (b"\x00" * 100, "unrecognized"),
+        (b"GET\r\n\r\n", "unrecognized"),
+        # A request that goes wrong is HTTP/1.x all the same.
+        (b"GET / HTTP/1.1\r\nbad header line\r\n\r\n", "parse_error"),
+    ],
 )
-def test_garbage_is_counted_not_raised(garbage: bytes) -> None:
+def test_garbage_is_counted_not_raised(garbage: bytes, reason: str) -> None:
     c = Conversation()
     segs = c.handshake() + c.request(garbage) + c.response(b"\x15\x03\x01\x00\x02\x02\x28")
     out, t = run(segs + c.close())
     assert out == []
-    assert t.stats.parse_errors >= 1
+    assert t.stats.untraced.get((reason, 80), 0) >= 1
+    assert (t.stats.parse_errors >= 1) is (reason == "parse_error")
+    assert [port for port, _ in t.take_samples()] == ([80] if reason == "unrecognized" else [])
 
 
 def test_garbage_then_recovery_on_new_connection() -> None:

@@ -37,6 +37,8 @@ CONSTANTS = {
     "CLV_ROLE_CLIENT": Role.CLIENT,
     "CLV_PROTO_TCP": Protocol.TCP,
     "CLV_PROTO_HTTP": Protocol.HTTP,
+    "CLV_PROTO_HTTP2": Protocol.HTTP2,
+    "CLV_PROTO_GRPC": Protocol.GRPC,
     "CLV_HOOK_INGRESS": abi.CLV_HOOK_INGRESS,
     "CLV_HOOK_EGRESS": abi.CLV_HOOK_EGRESS,
     "CLV_TCP_FIN": abi.CLV_TCP_FIN,
@@ -322,3 +324,17 @@ def test_decode_keeps_a_parser_plugins_protocol_id() -> None:
     seg = abi.decode_segment(_record(proto=9))
     assert seg.protocol == 9 and not isinstance(seg.protocol, Protocol)
     assert abi.decode_segment(_record(proto=2)).protocol is Protocol.HTTP
+
+
+def test_h2_frame_records_follow_the_payload() -> None:
+    from clovisor.core.h2frames import H2_FRAME, frame_hints
+
+    assert H2_FRAME.size == ctypes.sizeof(abi.clv_h2_frame)
+    frame = abi.clv_h2_frame(offset=1500, peek_len=3)
+    frame.head[:] = list(b"\x00\x00\x05\x01\x05\x00\x00\x00\x03")
+    frame.peek[:3] = list(b"\x88\xc0\xbf")
+    rec = _record(b"p" * 10, proto=abi.CLV_PROTO_GRPC) + bytes(frame)
+    seg = abi.decode_segment(rec)
+    assert seg.payload == b"p" * 10 and seg.protocol is Protocol.GRPC
+    assert frame_hints(seg.frames) == [(1500, b"\x00\x00\x05\x01\x05\x00\x00\x00\x03\x88\xc0\xbf")]
+    assert abi.decode_segment(_record(b"p" * 10)).frames == b""

@@ -25,10 +25,21 @@ from .model import (
     TracedPort,
 )
 
-BUILTIN_PROTOCOLS = frozenset({"http", "tcp"})
+BUILTIN_PROTOCOLS = frozenset({"http", "tcp", "http2", "grpc"})
 
-# appProtocol values (Kubernetes standard and IANA names) that mean HTTP/1.x.
-_HTTP_APP_PROTOCOLS = frozenset({"http", "kubernetes.io/http", "http/1.1", "http/1.0"})
+# appProtocol values (Kubernetes standard and IANA names) and the protocol they mean.
+_APP_PROTOCOLS = {
+    "http": "http",
+    "kubernetes.io/http": "http",
+    "http/1.1": "http",
+    "http/1.0": "http",
+    "http2": "http2",
+    "kubernetes.io/h2c": "http2",
+    "h2c": "http2",
+    "grpc": "grpc",
+}
+# Istio port-name prefixes that are another name for a protocol.
+_NAME_ALIASES = {"h2c": "http2"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,17 +52,23 @@ def port_protocol(port: ServicePort, known: frozenset[str] = BUILTIN_PROTOCOLS) 
     """The protocol a service port carries, or None if Clovisor does not parse it.
 
     ``appProtocol`` wins when set; otherwise the Istio naming convention:
-    ``<protocol>`` or ``<protocol>-<suffix>`` (``http``, ``http-web``).
+    ``<protocol>`` or ``<protocol>-<suffix>`` (``http``, ``http-web``,
+    ``grpc``, ``grpc-api``, ``http2``, ``h2c``; ``grpc-web`` is ``http``).
     """
     if port.protocol.upper() != "TCP":
         return None
     app = port.app_protocol.lower()
     if app:
-        if app in _HTTP_APP_PROTOCOLS:
-            return "http"
-        return app if app in known else None
-    prefix = port.name.lower().split("-", 1)[0]
-    return prefix if prefix in known else None
+        proto = _APP_PROTOCOLS.get(app, app)
+        return proto if proto in known else None
+    name = port.name.lower()
+    if name == "grpc-web" or name.startswith("grpc-web-"):
+        # gRPC-Web is HTTP/1.1 (or HTTP/2) with its own framing, not gRPC: an
+        # http port, which follows the HTTP/2 preface when it comes.
+        return "http" if "http" in known else None
+    prefix = name.split("-", 1)[0]
+    proto = _NAME_ALIASES.get(prefix, prefix)
+    return proto if proto in known else None
 
 
 def selected(pod: PodInfo, rules: Sequence[LabelRule]) -> bool:

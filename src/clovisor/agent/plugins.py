@@ -95,6 +95,7 @@ from types import ModuleType
 
 from ..core.events import Outcome, Role, Segment, Session
 from ..core.events import Protocol as WireProtocol
+from ..core.http2 import grpc_connection, http2_connection
 from ..core.reassembly import Chunk, ReassemblyLimits
 from ..core.sessions import (
     Connection,
@@ -116,9 +117,9 @@ _PLUGIN_ERRORS = (Exception, SystemExit)
 PLUGIN_PACKAGE = "clovisor.parsers"
 ENTRY_POINT_GROUP = "clovisor.parsers"
 FACTORY_ATTRIBUTE = "PARSER"
-BUILTINS = ("http", "tcp")
-# Kernel protocol ids (clv_proto) of plugins: the built-ins own 1 and 2.
-FIRST_PLUGIN_ID = 3
+BUILTINS = ("http", "tcp", "http2", "grpc")
+# Kernel protocol ids (clv_proto) of plugins: the built-ins own 1 to 4.
+FIRST_PLUGIN_ID = 5
 MAX_PROTOCOL_ID = 255
 
 # Protocol names meet service port names (Istio style ``<proto>[-suffix]``),
@@ -420,6 +421,8 @@ class ParserRegistry:
         self._names_by_id: dict[int, str] = {i: name for name, i in self._ids.items()}
         self.register("http", http_parser, builtin=True)
         self.register("tcp", tcp_parser, builtin=True)
+        self.register("http2", http2_connection, builtin=True)
+        self.register("grpc", grpc_connection, builtin=True)
 
     # -- lookup (hot path: no lock, one dict read) ---------------------------------
 

@@ -29,7 +29,9 @@ class Protocol(enum.IntEnum):
     """What the core parses on a flow (clv_proto)."""
 
     TCP = 1
-    HTTP = 2
+    HTTP = 2  # HTTP/1.x (and HTTP/2 after the preface or an h2c upgrade)
+    HTTP2 = 3  # a port declared HTTP/2 (h2c, prior knowledge)
+    GRPC = 4  # a port declared gRPC: HTTP/2 whose streams are RPCs
 
 
 # TCP flag bits as in clv_segment.tcp_flags.
@@ -47,7 +49,10 @@ class Segment(NamedTuple):
     length); ``payload_len`` is the real length, so byte accounting works by
     sequence numbers even when most of the payload never crossed to user
     space. ``tail`` holds the last bytes of the payload when the prefix does
-    not reach them (empty otherwise).
+    not reach them (empty otherwise). ``frames``: on flows of ports declared
+    HTTP/2 or gRPC, the HTTP/2 frame headers the prefix does not hold whole,
+    as the classifier found them (``clv_h2_frame`` records; see
+    :func:`clovisor.core.h2frames.frame_hints`).
 
     A NamedTuple rather than a frozen dataclass: one is built per ring-buffer
     record, and on the reference machine a frozen 17-field dataclass costs
@@ -58,7 +63,7 @@ class Segment(NamedTuple):
     ifindex: int
     role: Role
     direction: Direction
-    protocol: int  # a Protocol member, or a parser plugin's id (3-255)
+    protocol: int  # a Protocol member, or a parser plugin's id (5-255)
     family: int  # 4 or 6
     saddr: bytes  # 4 or 16 bytes
     daddr: bytes
@@ -71,6 +76,7 @@ class Segment(NamedTuple):
     payload: bytes = b""
     tail: bytes = b""
     packets: int = 1  # wire packets this segment stands for (GSO)
+    frames: bytes = b""
 
 
 class Phase(enum.IntEnum):

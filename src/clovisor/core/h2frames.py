@@ -27,6 +27,7 @@ not in it is a bug, reported as :class:`ProtocolError`.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 from .budget import UNLIMITED, Budget
@@ -40,6 +41,27 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_MAX_FRAME_SIZE = 16384
 LARGEST_FRAME_SIZE = (1 << 24) - 1
 MAX_SETTINGS_BYTES = 6 * 32  # settings read from one SETTINGS frame; the rest are ignored
+NOT_PREFACE = "not the HTTP/2 connection preface"  # Stopped.reason: a client that is no HTTP/2
+
+# One frame header the classifier found beyond the capture: struct clv_h2_frame
+# of bpf/clovisor.h (tests/kernel/test_abi.py holds the two to one layout).
+H2_FRAME = struct.Struct("<I9sB2x48s")
+MAX_HINTS = 256  # frame headers from the classifier held per direction
+HINT_COST = 128  # what one held counts against the byte budget
+
+
+def frame_hints(raw: bytes) -> list[tuple[int, bytes]]:
+    """The classifier's ``clv_h2_frame`` records of one segment.
+
+    Each is (offset of the frame header in the segment, the header's 9 bytes
+    followed by the first payload bytes the classifier copied).
+    """
+    out = []
+    size = H2_FRAME.size
+    for at in range(0, len(raw) - size + 1, size):
+        offset, head, peek_len, peek = H2_FRAME.unpack_from(raw, at)
+        out.append((offset, head + peek[: min(peek_len, len(peek))]))
+    return out
 
 
 class FrameType(enum.IntEnum):
@@ -142,10 +164,15 @@ class Settings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FramingLost:
-    """Frames may have gone by unseen: streams may have ended, header blocks were missed."""
+    """Frames may have gone by unseen: streams may have ended, header blocks were missed.
+
+    ``truncated``: a frame boundary lay beyond the captured bytes; else it lay
+    in lost bytes, or a guessed boundary proved wrong.
+    """
 
     reason: str
     ts_ns: int
+    truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -225,10 +252,12 @@ class FrameReader:
         "_guessed",
         "_hbuf",
         "_held",
+        "_hints",
         "_in_block",
         "_length",
         "_need",
         "_pbuf",
+        "_peek",
         "_pshort",
         "_remaining",
         "_state",
@@ -273,6 +302,10 @@ class FrameReader:
         self.bad_frames = 0
         self.framing_lost = 0
         self._hbuf = b""  # a frame header being gathered
+        # Frame headers beyond the capture, from the classifier: absolute
+        # offset -> the header and its first payload bytes (see frame_hints).
+        self._hints: dict[int, bytes] = {}
+        self._peek = b""  # the first payload bytes of the frame being read, from a hint
         # The frame being read.
         self._type = 0
         self._flags = 0
@@ -302,7 +335,15 @@ class FrameReader:
 
     @property
     def held_bytes(self) -> int:
-        return self._held + self.decoder.held_bytes
+        return self._held + self.decoder.held_bytes + len(self._hints) * HINT_COST
+
+    def hint(self, offset: int, data: bytes) -> None:
+        """A frame header (and its first payload bytes) at absolute ``offset``,
+        found by the classifier beyond the captured bytes."""
+        if len(self._hints) >= MAX_HINTS or offset in self._hints:
+            return
+        if self._budget.take(HINT_COST):
+            self._hints[offset] = data
 
     def _fire(self, trigger: Trigger) -> None:
         try:
@@ -342,8 +383,10 @@ class FrameReader:
                 pos = self._payload(data, captured, pos, length, ts, out)
             elif state is State.HEAD:
                 if pos >= captured:
-                    self._lose("a frame header beyond the captured bytes", ts, out)
-                    return
+                    pos = self._beyond(chunk, pos, out)
+                    if pos < 0:
+                        break
+                    continue
                 pos = self._head(data, captured, pos, ts, out)
             elif state is State.PREFACE:
                 pos = self._preface(data, captured, pos, ts, out)
@@ -357,7 +400,48 @@ class FrameReader:
                 return
             else:
                 self._fire(Trigger.SKIP)  # STOPPED
-                return
+                break
+        if self._hints:
+            self._prune(chunk.offset + length)
+
+    def _prune(self, end: int) -> None:
+        """Drop the hints of frames at or before ``end`` (passed, or never needed)."""
+        stale = [at for at in self._hints if at < end]
+        for at in stale:
+            del self._hints[at]
+        self._budget.give(len(stale) * HINT_COST)
+
+    def _beyond(self, chunk: Chunk, pos: int, out: list[Event]) -> int:
+        """A frame header at ``pos``, past the captured prefix: from the
+        classifier's hint, or from the segment's tail; else framing is lost.
+        Returns the new position, or -1 when framing was lost."""
+        ts = chunk.ts_ns
+        have = len(self._hbuf)
+        if not have:
+            self._frame_start = ts
+        hint = self._hints.pop(chunk.offset + pos - have, None) if self._hints else None
+        if hint is not None:
+            self._budget.give(HINT_COST)
+            if pos + 9 - have <= chunk.length:
+                self._drop_hbuf()
+                self._peek = hint[9:]
+                self._header(hint[:9], ts, out)
+                return pos + 9 - have
+        tail = chunk.tail
+        tail_start = chunk.length - len(tail)
+        if hint is None and tail and pos >= tail_start:
+            # The last bytes of a segment: a header it ends with, the rest to follow.
+            piece = tail[pos - tail_start : pos - tail_start + 9 - have]
+            header = self._hbuf + piece
+            if len(header) < 9:
+                self._keep_hbuf(header)
+                return pos + len(piece)
+            self._drop_hbuf()
+            self._peek = b""
+            self._header(header, ts, out)
+            return pos + len(piece)
+        self._lose("a frame header beyond the captured bytes", ts, out)
+        return -1
 
     def _hole(self, chunk: Chunk, out: list[Event]) -> None:
         """Lost bytes: counted through a payload, framing lost past it."""
@@ -373,7 +457,7 @@ class FrameReader:
         if state is State.SEEK or state is State.STOPPED:
             self._fire(Trigger.LOST)
             return
-        self._lose("lost bytes across a frame boundary", chunk.ts_ns, out)
+        self._lose("lost bytes across a frame boundary", chunk.ts_ns, out, truncated=False)
 
     # -- the states -----------------------------------------------------------------
 
@@ -386,7 +470,7 @@ class FrameReader:
         piece = data[pos : pos + n]
         if piece != PREFACE[have : have + n]:
             self._drop_hbuf()
-            self._stop("not the HTTP/2 connection preface", ts, out)
+            self._stop(NOT_PREFACE, ts, out)
             return pos + n
         if have + n < len(PREFACE):
             self._keep_hbuf(self._hbuf + piece)
@@ -411,13 +495,19 @@ class FrameReader:
                 self._keep_hbuf(header)
                 return pos
             self._drop_hbuf()
+        self._peek = b""
+        self._header(header, ts, out)
+        return pos
+
+    def _header(self, header: bytes, ts: int, out: list[Event]) -> None:
+        """A whole 9-byte frame header: check it and start reading its payload."""
         length = int.from_bytes(header[0:3], "big")
         ftype, flags = header[3], header[4]
         stream = int.from_bytes(header[5:9], "big") & 0x7FFFFFFF
         problem = self._check(ftype, flags, stream, length)
         if problem:
             self._bad(problem, ts, out)
-            return pos
+            return
         self._type, self._flags, self._stream, self._length = ftype, flags, stream, length
         self._remaining = length
         self._pbuf_reset()
@@ -439,7 +529,6 @@ class FrameReader:
         self._fire(Trigger.HEAD_DONE)
         if length == 0:
             self._frame_done(ts, out)
-        return pos
 
     def _check(self, ftype: int, flags: int, stream: int, length: int) -> str:
         """Why a frame header is bad where framing is certain ('' if it is not)."""
@@ -471,10 +560,18 @@ class FrameReader:
     ) -> int:
         n = min(self._remaining, length - pos)
         if self._need:
-            take = min(self._need, n, max(0, captured - pos))
+            want = min(self._need, n)
+            take = min(want, max(0, captured - pos))
             if take:
                 self._gather(data[pos : pos + take])
-            if take < min(self._need, n):
+            elif self._peek:
+                # Beyond the capture, the classifier copied the payload's first bytes.
+                at = self._length - self._remaining
+                piece = self._peek[at : at + want]
+                take = len(piece)
+                if take:
+                    self._gather(piece)
+            if take < want:
                 self._pshort = True  # needed bytes beyond the capture
                 self._need = 0
         self._remaining -= n
@@ -628,12 +725,12 @@ class FrameReader:
 
     # -- losing and stopping ----------------------------------------------------
 
-    def _lose(self, reason: str, ts: int, out: list[Event]) -> None:
+    def _lose(self, reason: str, ts: int, out: list[Event], *, truncated: bool = True) -> None:
         """Framing lost: a frame boundary went by unseen. Seek a new one."""
         self.framing_lost += 1
         self._abandon(ts, out)
         self._fire(Trigger.LOST)
-        out.append(FramingLost(reason=reason, ts_ns=ts))
+        out.append(FramingLost(reason=reason, ts_ns=ts, truncated=truncated))
 
     def _bad(self, reason: str, ts: int, out: list[Event]) -> None:
         self.bad_frames += 1
@@ -665,6 +762,8 @@ class FrameReader:
         """Return every held byte to the budget (the connection is gone)."""
         self._drop_hbuf()
         self._pbuf_reset()
+        self._budget.give(len(self._hints) * HINT_COST)
+        self._hints.clear()
         self._budget.give(len(self._block))
         self._held -= len(self._block)
         self._block = bytearray()
@@ -733,6 +832,8 @@ class FrameReader:
 
 
 __all__ = [
+    "H2_FRAME",
+    "NOT_PREFACE",
     "PREFACE",
     "Data",
     "Event",
@@ -745,4 +846,5 @@ __all__ = [
     "Settings",
     "State",
     "Stopped",
+    "frame_hints",
 ]

@@ -227,6 +227,9 @@ class MessageSink(Protocol):
     def message_error(self, kind: Kind, reason: str) -> None:
         """Bytes that were not HTTP/1.x (counted, never raised)."""
 
+    def message_truncated(self, kind: Kind) -> None:
+        """A head was not fully captured (counted; its message is still reported)."""
+
     def foreign(self, kind: Kind, chunk: Chunk) -> bool:
         """Bytes at a message boundary that are not HTTP/1.x: True if the sink takes
         them as another protocol (the framer then hands it every later byte)."""
@@ -543,6 +546,10 @@ class Framer:
         self._drop_buf()
         return self._headers(chunk)
 
+    def could_start(self, data: bytes) -> bool:
+        """Whether bytes at a message boundary could begin a message of this kind."""
+        return self._looks_like_start(data, strict=False)
+
     def _looks_like_start(self, data: bytes, *, strict: bool) -> bool:
         """Whether a chunk can begin a message; strict when we are lost."""
         if self._kind is Kind.RESPONSE:
@@ -587,6 +594,8 @@ class Framer:
 
     def _head_done(self, block: bytes, *, truncated: bool) -> None:
         self._drop_buf()
+        if truncated:
+            self._sink.message_truncated(self._kind)
         head = parse_head(self._kind, block, truncated=truncated, header_bytes=self.message_bytes)
         if head is None:
             foreign = Chunk(self.start_offset, len(block), block, b"", self._head_ts, 0)

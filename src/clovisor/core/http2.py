@@ -37,8 +37,10 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from .events import HttpRequest, HttpResponse, Outcome, Session
+from .events import SYN, Direction, HttpRequest, HttpResponse, Outcome, Segment, Session
 from .h2frames import (
+    NOT_PREFACE,
+    PREFACE,
     Data,
     Event,
     FrameReader,
@@ -48,10 +50,20 @@ from .h2frames import (
     Reset,
     Settings,
     Stopped,
+    frame_hints,
 )
 from .http1 import RECORDED_HEADERS
 from .reassembly import Chunk, ReassemblyLimits
-from .sessions import Connection, Endpoints, Stats
+from .sessions import (
+    ENCRYPTED,
+    LOST,
+    PARSE_ERROR,
+    TRUNCATED,
+    UNRECOGNIZED,
+    Connection,
+    Endpoints,
+    Stats,
+)
 from .tls import TlsSession, looks_like_tls
 
 _PSEUDO = frozenset({b":method", b":path", b":authority", b":status"})
@@ -176,6 +188,10 @@ class Http2Streams:
         self.bad_frames = 0
         self.framing_lost = 0
 
+    def reader(self, is_req: bool) -> FrameReader:
+        """The frame reader of one direction."""
+        return self._client if is_req else self._server
+
     @property
     def open_streams(self) -> int:
         return len(self._streams)
@@ -249,10 +265,16 @@ class Http2Streams:
                         self._emit(stream, event.ts_ns, Outcome.CLOSED)
         elif isinstance(event, FramingLost):
             self.framing_lost += 1
+            self._stats.framing_lost += 1
+            if event.truncated:
+                self._stats.not_traced(TRUNCATED, self._endpoints.server_port)
+            elif event.reason.startswith("lost"):
+                self._stats.not_traced(LOST, self._endpoints.server_port)
             self._lost(is_req)
         elif isinstance(event, Stopped):
             self.bad_frames += 1
-            self._stats.parse_errors += 1
+            reason = UNRECOGNIZED if event.reason == NOT_PREFACE else PARSE_ERROR
+            self._stats.not_traced(reason, self._endpoints.server_port)
             self._lost(is_req)
 
     def _lost(self, is_req: bool) -> None:
@@ -472,7 +494,7 @@ class Http2Connection(Connection):
     Unless its first bytes are a TLS ClientHello: then it is one TLS session.
     """
 
-    __slots__ = ("_synced", "streams", "tls")
+    __slots__ = ("_ignored", "_synced", "streams", "tls")
 
     def __init__(
         self,
@@ -493,14 +515,37 @@ class Http2Connection(Connection):
             max_header_bytes=max_header_bytes,
         )  # fmt: skip
         self.tls: TlsSession | None = None
+        self._ignored = False  # an unrecognized connection: nothing of it is parsed
+
+    def feed(self, seg: Segment) -> None:
+        if seg.frames and self.tls is None and not self._ignored:
+            # Frame headers the classifier found beyond the capture: where they
+            # are in the half-stream, for its frame reader.
+            is_req = seg.direction is Direction.REQUEST
+            stream = self.req if is_req else self.resp
+            seq = (seg.seq + 1) & 0xFFFFFFFF if seg.flags & SYN else seg.seq
+            base = stream.absolute(seq) if stream.started else 0
+            reader = self.streams.reader(is_req)
+            for offset, data in frame_hints(seg.frames):
+                reader.hint(base + offset, data)
+        super().feed(seg)
 
     def on_chunk(self, is_req: bool, chunk: Chunk, ack: int) -> None:
         if self.tls is not None:
             self.tls.feed(is_req, chunk)
-        elif is_req and self._synced and chunk.offset == 0 and looks_like_tls(chunk.data):
-            self.stats.encrypted += 1
-            self.tls = TlsSession(self.endpoints, self.out, self.stats.budget)
-            self.tls.feed(is_req, chunk)
+        elif self._ignored:
+            return
+        elif is_req and self._synced and chunk.offset == 0 and chunk.data:
+            data = chunk.data
+            if looks_like_tls(data):
+                self.stats.not_traced(ENCRYPTED, self.endpoints.server_port)
+                self.tls = TlsSession(self.endpoints, self.out, self.stats.budget)
+                self.tls.feed(is_req, chunk)
+            elif not PREFACE.startswith(data[: len(PREFACE)]):
+                self.stats.not_traced(UNRECOGNIZED, self.endpoints.server_port, data)
+                self._ignored = True
+            else:
+                self.streams.feed(is_req, chunk)
         else:
             self.streams.feed(is_req, chunk)
 

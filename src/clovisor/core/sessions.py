@@ -134,6 +134,18 @@ class _Pending:
         self.bytes = 0
 
 
+# Why traffic was not traced as its declared protocol (Stats.untraced):
+ENCRYPTED = "encrypted"  # a connection that began with a TLS ClientHello
+UNRECOGNIZED = "unrecognized"  # a connection whose first bytes are not its port's protocol
+PARSE_ERROR = "parse_error"  # a message (or an HTTP/2 direction) the parser rejected
+TRUNCATED = "truncated"  # a header block or HTTP/2 frame header beyond the capture
+LOST = "lost"  # records the ring lost: a request's response, HTTP/2 frames
+UNTRACED_REASONS = (ENCRYPTED, UNRECOGNIZED, PARSE_ERROR, TRUNCATED, LOST)
+
+MAX_SAMPLES = 16  # unrecognized first bytes kept until the runtime logs them
+SAMPLE_BYTES = 32
+
+
 class Stats:
     """What all connections of a tracker share: counters and the byte budget."""
 
@@ -141,9 +153,12 @@ class Stats:
         "budget",
         "dropped_requests",
         "encrypted",
+        "framing_lost",
         "lost_responses",
         "parse_errors",
+        "samples",
         "unpaired_responses",
+        "untraced",
     )
 
     def __init__(self, budget: Budget | None = None) -> None:
@@ -153,6 +168,23 @@ class Stats:
         self.dropped_requests = 0  # pending requests beyond the per-connection limit
         self.lost_responses = 0  # requests whose response the tracer lost (ring full)
         self.encrypted = 0  # connections that began with a TLS ClientHello (not parse errors)
+        self.framing_lost = 0  # times an HTTP/2 direction lost its frame boundaries
+        # (reason, server port) -> count, the reasons of UNTRACED_REASONS.
+        self.untraced: dict[tuple[str, int], int] = {}
+        # (server port, first bytes) of unrecognized connections, for the
+        # runtime's debug log (the core does no I/O); at most MAX_SAMPLES.
+        self.samples: list[tuple[int, bytes]] = []
+
+    def not_traced(self, reason: str, port: int, first: bytes = b"") -> None:
+        """Count traffic of a server port not traced, and why (a cold path)."""
+        key = (reason, port)
+        self.untraced[key] = self.untraced.get(key, 0) + 1
+        if reason == PARSE_ERROR:
+            self.parse_errors += 1
+        elif reason == ENCRYPTED:
+            self.encrypted += 1
+        if first and len(self.samples) < MAX_SAMPLES:
+            self.samples.append((port, first[:SAMPLE_BYTES]))
 
 
 _SYN_FIN_RST = SYN | FIN | RST
@@ -445,7 +477,10 @@ class HttpConnection(Connection):
         )
 
     def message_error(self, kind: Kind, reason: str) -> None:
-        self.stats.parse_errors += 1
+        self.stats.not_traced(PARSE_ERROR, self.endpoints.server_port)
+
+    def message_truncated(self, kind: Kind) -> None:
+        self.stats.not_traced(TRUNCATED, self.endpoints.server_port)
 
     # -- protocol switches (see switch.py) --------------------------------------------
 
@@ -461,7 +496,17 @@ class HttpConnection(Connection):
                 max_header_bytes=self._req_framer.max_header_bytes,
             )  # fmt: skip
             if self._switched is None:
-                return False
+                if not (
+                    chunk.offset == 0
+                    and self.req.syn_seen
+                    and chunk.data
+                    and not self._req_framer.could_start(chunk.data)
+                ):
+                    return False  # HTTP/1.x gone wrong: a parse error
+                # A connection's first bytes that are no protocol of the port:
+                # nothing more of it is parsed.
+                self.stats.not_traced(UNRECOGNIZED, self.endpoints.server_port, chunk.data)
+                self._switched = switch.Ignored()
             self._fast = False
             self._resp_framer.upgraded()
             return True
@@ -564,6 +609,7 @@ class HttpConnection(Connection):
                 return
             pending.popleft()
             self.stats.lost_responses += 1
+            self.stats.not_traced(LOST, self.endpoints.server_port)
 
     def _pair(self, ack: int) -> _Pending | None:
         """The oldest unanswered request this response can answer.

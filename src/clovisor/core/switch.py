@@ -19,11 +19,11 @@ every later byte of the connection.
 
 from __future__ import annotations
 
-from .events import Session
+from .events import Outcome, Session
 from .h2frames import PREFACE
 from .http2 import Http2Streams
 from .reassembly import Chunk
-from .sessions import Endpoints, Stats
+from .sessions import ENCRYPTED, Endpoints, Stats
 from .tls import TlsSession, looks_like_tls
 
 PREFACE_LINE = PREFACE[:16]  # b"PRI * HTTP/2.0\r\n"
@@ -53,7 +53,7 @@ def detect(
         streams.feed(True, chunk)
         return streams
     if chunk.offset == 0 and looks_like_tls(data):
-        stats.encrypted += 1
+        stats.not_traced(ENCRYPTED, endpoints.server_port)
         tls = TlsSession(endpoints, out, stats.budget)
         tls.feed(True, chunk)
         return tls
@@ -80,4 +80,19 @@ def h2c(
     return Http2Streams(endpoints, stats, out, synced=True, max_header_bytes=max_header_bytes)
 
 
-__all__ = ["PREFACE_LINE", "detect", "h2c", "is_h2c"]
+class Ignored:
+    """What an unrecognized connection switches to: every later byte is ignored."""
+
+    __slots__ = ()
+
+    def feed(self, is_req: bool, chunk: Chunk) -> None:
+        return None
+
+    def end(self, outcome: Outcome, ts_ns: int) -> None:
+        return None
+
+    def release(self) -> None:
+        return None
+
+
+__all__ = ["PREFACE_LINE", "Ignored", "detect", "h2c", "is_h2c"]

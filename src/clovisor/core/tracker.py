@@ -26,8 +26,10 @@ from .events import (
     Session,
 )
 from .exchange import exchange_session
+from .http2 import Http2Connection
 from .reassembly import ReassemblyLimits, seq_diff
 from .sessions import (
+    UNRECOGNIZED,
     Connection,
     ConnectionFactory,
     Endpoints,
@@ -50,6 +52,7 @@ class Limits:
     max_header_bytes: int = 65536  # a header block larger than this is an error
     idle_timeout_ns: int = 30_000_000_000  # a pending request then becomes a TIMEOUT
     max_buffered_bytes: int = 32 << 20  # payload bytes held across segments, all connections
+    max_http2_streams: int = 256  # open streams kept per HTTP/2 connection
     reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
 
 
@@ -93,6 +96,25 @@ class TrackerStats:
         return self._conn_stats.lost_responses
 
     @property
+    def encrypted(self) -> int:
+        """Connections that began with a TLS ClientHello."""
+        return self._conn_stats.encrypted
+
+    @property
+    def framing_lost(self) -> int:
+        """Times an HTTP/2 direction lost its frame boundaries (capture or loss)."""
+        return self._conn_stats.framing_lost
+
+    @property
+    def untraced(self) -> dict[tuple[str, int], int]:
+        """(reason, server port) -> count of what was not traced, and why (a copy)."""
+        return dict(self._conn_stats.untraced)
+
+    @property
+    def unrecognized(self) -> int:
+        return sum(n for (r, _), n in self._conn_stats.untraced.items() if r == UNRECOGNIZED)
+
+    @property
     def buffered_bytes(self) -> int:
         return self._conn_stats.budget.used
 
@@ -112,6 +134,9 @@ class TrackerStats:
             "unpaired_responses": self.unpaired_responses,
             "dropped_requests": self.dropped_requests,
             "lost_responses": self.lost_responses,
+            "encrypted": self.encrypted,
+            "unrecognized": self.unrecognized,
+            "http2_framing_lost": self.framing_lost,
             "buffered_bytes": self.buffered_bytes,
             "budget_refusals": self.budget_refusals,
         }
@@ -143,6 +168,15 @@ class Tracker:
 
     def __len__(self) -> int:
         return len(self._conns)
+
+    def take_samples(self) -> list[tuple[int, bytes]]:
+        """(server port, first bytes) of the unrecognized connections since the last call."""
+        samples = self._conn_stats.samples
+        if not samples:
+            return []
+        out = samples[:]
+        samples.clear()
+        return out
 
     def feed(self, record: Record) -> list[Session]:
         """Process one record; return the sessions it completed."""
@@ -318,6 +352,17 @@ class Tracker:
             )
         elif seg.protocol == Protocol.TCP:
             conn = TcpConnection(endpoints, lim.reassembly, self._conn_stats, self._out)
+        elif seg.protocol == Protocol.HTTP2 or seg.protocol == Protocol.GRPC:
+            conn = Http2Connection(
+                endpoints,
+                lim.reassembly,
+                self._conn_stats,
+                self._out,
+                synced=bool(seg.flags & SYN),
+                grpc=seg.protocol == Protocol.GRPC,
+                max_streams=lim.max_http2_streams,
+                max_header_bytes=lim.max_header_bytes,
+            )
         else:
             conn = self._plugin_connection(endpoints, seg)
         conns[key] = conn

@@ -108,6 +108,12 @@ def format_span(span: SpanRecord) -> str:
                 parts.append(phrase)
         else:
             parts.append("(no response)")
+        grpc = attrs.get("rpc.response.status_code")
+        if grpc is not None:
+            parts.append(_escape(f"grpc {grpc}"))
+    elif attrs.get("network.protocol.name") == "tls":
+        sni = attrs.get("tls.client.server_name")
+        parts.append(_escape(f"TLS {sni}") if sni else "TLS")
     else:
         parts.append("TCP")
 

@@ -10,7 +10,8 @@ The console's facts with stable keys, nothing nested:
     ``service.name`` of the span's resource; ``namespace``, ``pod`` the
     Kubernetes namespace and pod when known (``null`` otherwise);
 ``protocol``
-    ``http``, a parser plugin's protocol, or ``tcp`` for a connection-level session;
+    ``http`` (HTTP/1.x and HTTP/2), ``grpc``, ``tls``, a parser plugin's protocol,
+    or ``tcp`` for a connection-level session;
 ``method``, ``url``, ``status``
     the request method, the request target (the full URL on client spans),
     the response status code; ``null`` when not seen;
@@ -108,7 +109,8 @@ def session_record(span: SpanRecord) -> dict[str, Any]:
         "service": _str(resource, "service.name"),
         "namespace": _str(resource, "k8s.namespace.name"),
         "pod": _str(resource, "k8s.pod.name"),
-        "protocol": _str(attrs, "network.protocol.name") or "tcp",
+        "protocol": "grpc" if "rpc.system" in attrs else (
+            _str(attrs, "network.protocol.name") or "tcp"),
         "method": None if method is None else str(method),
         "url": _url(attrs),
         "status": _int(attrs, "http.response.status_code"),

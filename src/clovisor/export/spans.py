@@ -40,6 +40,8 @@ from clovisor.export.record import SpanRecord
 
 __all__ = [
     "DEFAULT_SENSITIVE_QUERY_KEYS",
+    "GRPC_CODES",
+    "GRPC_SERVER_ERRORS",
     "KNOWN_METHODS",
     "SCOPE",
     "SENSITIVE_HEADERS",
@@ -104,6 +106,18 @@ DEFAULT_SENSITIVE_QUERY_KEYS: Final = frozenset(
         "session_id",
     )
 )
+
+# gRPC status codes by number (grpc/doc/statuscodes.md): rpc.response.status_code.
+GRPC_CODES: Final = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED",
+)  # fmt: skip
+# Semconv: the codes that fail a SERVER span (UNKNOWN, DEADLINE_EXCEEDED,
+# UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS); a CLIENT span fails on any
+# code but OK.
+GRPC_SERVER_ERRORS: Final = frozenset((2, 4, 12, 13, 14, 15))
 
 _REDACTED: Final = "REDACTED"
 _UNSET: Final = StatusCode.UNSET
@@ -392,7 +406,12 @@ def session_to_span(
     req = session.request
     resp = session.response
     # An HTTP port's connection that turned out to be TLS names its own protocol.
-    is_http = session.protocol == Protocol.HTTP and not session.protocol_name
+    proto = session.protocol
+    is_http = (
+        proto == Protocol.HTTP or proto == Protocol.HTTP2 or proto == Protocol.GRPC
+    ) and not session.protocol_name
+    grpc_code = -1  # a gRPC stream's status code, once known
+    grpc_message: str | None = None
 
     name = "TCP"
     scheme: str | None = None
@@ -471,6 +490,28 @@ def session_to_span(
             if resp.header_truncated:
                 attrs["clovisor.response.header_truncated"] = True
 
+        if session.attributes:
+            # HTTP/2 streams: rpc.* for gRPC, clovisor.http2.*.
+            rpc_service = rpc_method = None
+            for akey, avalue in session.attributes:
+                if akey == "rpc.service":
+                    rpc_service = avalue
+                elif akey == "rpc.method":
+                    rpc_method = avalue
+                elif akey == "rpc.grpc.status_code" and isinstance(avalue, int):
+                    grpc_code = avalue
+                elif akey == "clovisor.grpc.message":
+                    grpc_message = _clean(str(avalue))  # also the status description
+                attrs[akey] = _clean(avalue) if isinstance(avalue, str) else avalue
+            if attrs.get("rpc.system") == "grpc":
+                attrs["rpc.system.name"] = "grpc"
+                # Semconv: the span name is the full method, package.Service/Method.
+                name = f"{rpc_service}/{rpc_method}" if rpc_service and rpc_method else "grpc"
+                if 0 <= grpc_code < len(GRPC_CODES):
+                    attrs["rpc.response.status_code"] = GRPC_CODES[grpc_code]
+                elif grpc_code >= 0:
+                    attrs["rpc.response.status_code"] = str(grpc_code)
+
     elif session.protocol_name:
         # A parser plugin's session: its protocol names the span.
         name = session.protocol_name
@@ -523,7 +564,13 @@ def session_to_span(
 
     status = _UNSET
     message: str | None = None
-    if is_http:
+    if grpc_code > 0 and (not is_server or grpc_code in GRPC_SERVER_ERRORS):
+        code_name = attrs["rpc.response.status_code"]
+        attrs["error.type"] = code_name
+        status, message = _ERROR, grpc_message or str(code_name)
+    elif grpc_code == 0:
+        pass  # OK, whatever the outcome of the connection after the trailers
+    elif is_http:
         code = resp.status_code if resp is not None else 0
         # Semconv: 5xx fails a server span; 4xx/5xx fail a client span (the
         # server is allowed to refuse, the client's operation still failed).
@@ -536,6 +583,8 @@ def session_to_span(
             if failed is not None:
                 desc = failed[1] if resp is None else failed[2]
                 if desc is not None:
+                    if outcome is Outcome.RESET and "clovisor.http2.stream_id" in attrs:
+                        desc = desc.replace("connection", "stream")  # RST_STREAM
                     attrs["error.type"] = failed[0]
                     status, message = _ERROR, desc
     elif outcome is Outcome.RESET:

@@ -32,6 +32,8 @@ CLV_ROLE_CLIENT = 2
 
 CLV_PROTO_TCP = 1
 CLV_PROTO_HTTP = 2
+CLV_PROTO_HTTP2 = 3
+CLV_PROTO_GRPC = 4
 
 CLV_HOOK_INGRESS = 0
 CLV_HOOK_EGRESS = 1
@@ -43,6 +45,9 @@ CLV_TCP_PSH = 0x08
 CLV_TCP_ACK = 0x10
 
 CLV_PORT_WORDS = 1024
+
+CLV_H2_FRAMES_MAX = 256
+CLV_H2_PEEK = 48
 
 CLV_WAKEUP_NEVER = 0xFFFFFFFF
 
@@ -151,6 +156,35 @@ class clv_segment(ctypes.Structure):
         ("cap_len", _u16),
         ("gso_segs", _u16),
         ("tail", _u8 * CLV_TAIL_LEN),
+    ]
+
+
+class clv_h2_frame(ctypes.Structure):
+    _fields_ = [
+        ("offset", _u32),
+        ("head", _u8 * 9),
+        ("peek_len", _u8),
+        ("pad", _u8 * 2),
+        ("peek", _u8 * CLV_H2_PEEK),
+    ]
+
+
+class clv_h2_key(ctypes.Structure):
+    _fields_ = [
+        ("ifindex", _u32),
+        ("sport", _u16),
+        ("dport", _u16),
+        ("saddr", _u8 * 16),
+        ("daddr", _u8 * 16),
+    ]
+
+
+class clv_h2_state(ctypes.Structure):
+    _fields_ = [
+        ("next_seq", _u32),
+        ("have", _u8),
+        ("pad", _u8 * 3),
+        ("part", _u8 * 8),
     ]
 
 
@@ -319,6 +353,9 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (
     clv_conn,
     clv_red_key,
     clv_red,
+    clv_h2_frame,
+    clv_h2_key,
+    clv_h2_state,
 )
 
 # The fixed part of clv_segment, field for field (little-endian: BPF runs in
@@ -456,7 +493,7 @@ def _decode_segment(buf: RecordSource, off: int, size: int) -> Segment:
     ) = header.unpack_from(buf, off)  # fmt: skip
     direction = _DIRECTIONS.get(rdir)
     role_ = _ROLES.get(role)
-    # Built-in protocols decode to their enum member; plugin ids (3-255) stay ints.
+    # Built-in protocols decode to their enum member; plugin ids (5-255) stay ints.
     protocol = _PROTOCOLS.get(proto) or (proto if proto >= _FIRST_PLUGIN_ID else None)
     if (
         rtype != CLV_EV_SEGMENT
@@ -472,6 +509,16 @@ def _decode_segment(buf: RecordSource, off: int, size: int) -> Segment:
             f" tail_len={tail_len} dir={rdir} role={role} proto={proto}"
         )
     start = off + SEGMENT_HEADER_SIZE
+    if size > SEGMENT_HEADER_SIZE + cap_len:
+        # HTTP/2 frame headers the capture missed follow the payload.
+        end = start + cap_len
+        return Segment(
+            ts_ns, ifindex, role_, direction, protocol, family,
+            saddr, daddr, sport, dport, seq, ack, flags, payload_len,
+            buf[start:end] if cap_len else b"",
+            buf[off + _TAIL_OFFSET : off + _TAIL_OFFSET + tail_len] if tail_len else b"",
+            gso_segs or 1, buf[end : off + size],
+        )  # fmt: skip
     return Segment(
         ts_ns, ifindex, role_, direction, protocol, family,
         saddr, daddr, sport, dport, seq, ack, flags, payload_len,

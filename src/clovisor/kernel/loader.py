@@ -153,7 +153,7 @@ def _check_ring_bytes(ring_bytes: int) -> None:
 
 
 def _proto_id(proto: int) -> int:
-    """A kernel protocol id: a built-in Protocol or a parser plugin's id (3-255)."""
+    """A kernel protocol id: a built-in Protocol or a parser plugin's id (5-255)."""
     if not 1 <= int(proto) <= 255:
         raise ValueError(f"protocol id {proto} out of range 1-255")
     return int(proto)

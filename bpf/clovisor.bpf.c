@@ -94,6 +94,13 @@ struct {
 } conns SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384); /* the loader sets the real size (that of `conns`) */
+	__type(key, struct clv_conn_key);
+	__type(value, struct clv_syn);
+} syns SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -922,6 +929,8 @@ static __noinline void handover(struct clv_conn *c, struct clv_scratch *s, struc
 	resp_packets = c->ex.resp_packets;
 	count(CLV_CNT_HANDOVERS);
 	count(CLV_CNT_HANDOVERS + reason);
+	if (phase == CLV_PHASE_IDLE && (c->flags & CLV_CONN_AT_START))
+		synced |= CLV_SYNC_START;
 	if (c->flags & CLV_CONN_RESP_KNOWN) {
 		synced |= CLV_SYNC_RESPONSE;
 		resp_at = phase == CLV_PHASE_RESPONSE ? c->resp_seg.seq : c->resp_next;
@@ -1275,30 +1284,87 @@ static __always_inline void segments(struct __sk_buff *skb, struct clv_pkt *p,
 	}
 }
 
+/* A SYN (or SYN-ACK) of a connection `conns` does not know yet: remember
+ * where its streams start, for its first payload (see `syns`). */
+static __noinline void remember_syn(struct clv_pkt *p, __u8 dir, struct clv_conn_key *key)
+{
+	struct clv_syn fresh = {}, *syn;
+	__u32 next;
+
+	if (!p || !key)
+		return;
+	next = bpf_ntohl(p->seq) + 1;
+	if (dir == CLV_DIR_REQUEST) {
+		if (p->flags & CLV_TCP_ACK)
+			return;
+		fresh.req_next = next;
+		fresh.flags = CLV_SYN_REQUEST;
+		bpf_map_update_elem(&syns, key, &fresh, BPF_ANY);
+		return;
+	}
+	syn = bpf_map_lookup_elem(&syns, key);
+	if (syn) {
+		syn->resp_next = next;
+		syn->flags |= CLV_SYN_RESPONSE;
+	}
+}
+
 /*
  * A segment of a connection `conns` does not know.  Entries are made by the
- * first payload, not by the SYN: a connection costs no entry (and a SYN
- * flood evicts nothing) until it carries data.  A segment that starts with
- * a request method may start a request head: the connection is paired
- * from there (the caller frames the head, or hands over at it).  Anything
- * else leaves the connection to user space, from this segment on.
+ * first payload, not by the SYN: a connection costs no entry (only a small
+ * `syns` one) until it carries data.  A segment that starts with a request
+ * method may start a request head: the connection is paired from there (the
+ * caller frames the head, or hands over at it).  Anything else leaves the
+ * connection to user space, from this segment on; if it is the first byte
+ * after the SYN, a clv_handover record says so first, so that user space
+ * reads it as the start of the stream (a TLS hello, an HTTP/2 preface or
+ * garbage there is what it is, not bytes of a connection picked up
+ * mid-stream).
  */
 static __always_inline struct clv_conn *unknown(struct __sk_buff *skb, struct clv_pkt *p,
 						struct clv_scratch *s, __u8 hook, __u8 dir,
 						__u8 role, struct clv_conn_key *key)
 {
 	__u64 first = 0, mlen;
+	struct clv_syn *syn, start = {};
+	struct clv_conn *c;
+	__u32 seq = bpf_ntohl(p->seq);
 	int net_off;
 
-	if (!p->payload_len)
+	if (!p->payload_len) {
+		if (p->flags & CLV_TCP_SYN)
+			remember_syn(p, dir, key);
 		return NULL; /* a SYN, FIN or RST alone: nothing to say yet */
+	}
+	syn = bpf_map_lookup_elem(&syns, key);
+	if (syn) {
+		start = *syn;
+		bpf_map_delete_elem(&syns, key);
+		if (dir != CLV_DIR_REQUEST || !(start.flags & CLV_SYN_REQUEST) ||
+		    start.req_next != seq)
+			start.flags = 0; /* not the stream's first byte: as if never seen */
+	}
 	if (dir == CLV_DIR_REQUEST && !(p->flags & CLV_TCP_SYN) && p->payload_len >= 18) {
 		net_off = find_net_off(skb, p->l3head);
 		if (!load_l3(skb, net_off, p->payload_off, &first, sizeof(first)) &&
-		    clv_method(first, &mlen) != CLV_METHOD_NONE)
-			return conn_new(key, s, CLV_MODE_PAIRED, bpf_ntohl(p->seq));
+		    clv_method(first, &mlen) != CLV_METHOD_NONE) {
+			c = conn_new(key, s, CLV_MODE_PAIRED, seq);
+			if (c && (start.flags & CLV_SYN_RESPONSE)) {
+				c->resp_next = start.resp_next;
+				c->flags |= CLV_CONN_RESP_KNOWN;
+			}
+			return c;
+		}
 	}
-	conn_new(key, s, CLV_MODE_SEGMENTS, 0);
+	c = conn_new(key, s, CLV_MODE_SEGMENTS, seq);
+	if (c && (start.flags & CLV_SYN_REQUEST)) {
+		c->flags |= CLV_CONN_AT_START;
+		if (start.flags & CLV_SYN_RESPONSE) {
+			c->resp_next = start.resp_next;
+			c->flags |= CLV_CONN_RESP_KNOWN;
+		}
+		handover(c, s, key, CLV_HO_REQUEST, bpf_ktime_get_ns());
+	}
 	emit_as(skb, p, s, hook, dir, role);
 	return NULL;
 }

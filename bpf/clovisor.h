@@ -136,6 +136,7 @@ enum clv_handover_reason {
 /* clv_handover.synced: which boundaries are known. */
 #define CLV_SYNC_REQUEST 0x01
 #define CLV_SYNC_RESPONSE 0x02
+#define CLV_SYNC_START 0x04 /* req_seq is the stream's first byte (its SYN was seen) */
 
 /* One ring record per exchange paired in the kernel; req_head_len request
  * head bytes follow, then resp_head_len response head bytes.  The same
@@ -224,6 +225,7 @@ struct clv_held_seg {
 #define CLV_CONN_RESP_KNOWN 0x01 /* resp_next is the response stream's next byte */
 #define CLV_CONN_FIN_REQ 0x02    /* SEGMENTS: the client sent FIN */
 #define CLV_CONN_FIN_RESP 0x04   /* SEGMENTS: the server sent FIN */
+#define CLV_CONN_AT_START 0x08   /* req_next is the stream's first byte (after its SYN) */
 
 /* The held head bytes of a connection: the request head, the response head
  * right after it, and room for the head scan to read past them. */
@@ -259,6 +261,19 @@ struct clv_conn {
 	 * for another connection is noticed). */
 	struct clv_exchange ex;
 	__u8 data[CLV_HELD_BYTES]; /* the record's bytes follow its header */
+};
+
+/* Value of `syns` (keyed like `conns`): where a connection's byte streams
+ * start, from its SYN and SYN-ACK, until its first payload.  Without it the
+ * classifier could not tell a new connection's first bytes (a TLS hello, an
+ * HTTP/2 preface, garbage) from bytes of one picked up mid-stream. */
+#define CLV_SYN_REQUEST 0x01  /* req_next is known (the client's SYN seen) */
+#define CLV_SYN_RESPONSE 0x02 /* resp_next is known (the server's SYN-ACK seen) */
+struct clv_syn {
+	__u32 req_next;  /* the client's ISN + 1 */
+	__u32 resp_next; /* the server's ISN + 1 */
+	__u32 flags;     /* CLV_SYN_* */
+	__u32 pad;
 };
 
 /* RED metrics of the exchanges whose record did not reach user space (ring

@@ -255,6 +255,43 @@ def test_ipv6_and_a_connection_picked_up_mid_stream(both: Both) -> None:
     assert [s.request.target for s in both.sessions() if s.request] == ["/mid", "/next"]
 
 
+@pytest.mark.parametrize("first", [
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(40),  # a TLS hello
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    bytes(range(7, 64)),  # garbage
+], ids=["tls", "h2-preface", "garbage"])
+def test_a_new_connection_whose_first_bytes_are_no_request_is_handed_over_at_its_start(
+    both: Both, first: bytes
+) -> None:
+    """After its SYN, the first bytes of a connection are its stream's start:
+    user space must know it to tell a TLS hello, an HTTP/2 preface or garbage
+    from the middle of a connection picked up late."""
+    w = Wire()
+    records = both.run(w.handshake() + w.req(first) + w.resp(b"\x15\x03\x01\x00\x02\x02\x28"))
+    assert [type(r) for r in records] == [Handover, Segment, Segment]
+    ho = records[0]
+    assert isinstance(ho, Handover)
+    assert (ho.req_seq, ho.resp_seq, ho.at_start) == (1001, 5001, True)
+    t = Tracker()
+    t.feed_many(records)
+    stats = t.stats.as_dict()
+    if first.startswith(b"\x16"):
+        assert stats["encrypted"] == 1
+    elif first.startswith(bytes(range(7, 10))):
+        assert stats["unrecognized"] == 1 and stats["parse_errors"] == 0
+    assert conns_entries(both.paired.obj) == 1
+    assert not both.paired.obj._keys("syns", _conn_key_type())  # the SYN's entry is gone
+
+
+def test_no_start_is_claimed_without_the_syn(both: Both) -> None:
+    w = Wire()  # no handshake: picked up mid-stream
+    records = both.run(w.req(bytes(range(7, 64))))
+    assert [type(r) for r in records] == [Segment]
+    t = Tracker()
+    t.feed_many(records)
+    assert t.stats.as_dict()["unrecognized"] == 0  # the middle of something, not its start
+
+
 def test_a_response_to_a_request_never_seen_is_not_paired(both: Both) -> None:
     w = Wire()
     earlier = w.resp(ok(b"earlier"))  # answers a request from before tracing began

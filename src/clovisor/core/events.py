@@ -137,6 +137,7 @@ class Handover(NamedTuple):
     reason: int  # clv_handover_reason
     req_seq: int | None
     resp_seq: int | None
+    at_start: bool = False  # req_seq is the connection's first byte (its SYN was seen)
 
 
 # What the ring carries, and the tracker takes.

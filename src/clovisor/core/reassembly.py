@@ -141,12 +141,14 @@ class HalfStream:
             self._next_abs = 0
             self.syn_seen = True
 
-    def anchor(self, seq: int) -> None:
+    def anchor(self, seq: int, *, at_start: bool = False) -> None:
         """The stream's data at offset 0 begins at ``seq`` (a message boundary the
-        classifier reported when it handed the connection over)."""
+        classifier reported when it handed the connection over); ``at_start``:
+        it is the stream's very first byte, as after a SYN."""
         if self._next_seq is None:
             self._next_seq = seq % _MOD
             self._next_abs = 0
+            self.syn_seen = at_start
 
     def take_next(self, seq: int, length: int) -> int | None:
         """The offset of a segment that is next in order with nothing held, else None.

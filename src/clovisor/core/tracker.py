@@ -304,7 +304,7 @@ class Tracker:
             fast_path=self._fast_path,
         )
         if h.req_seq is not None:
-            conn.req.anchor(h.req_seq)
+            conn.req.anchor(h.req_seq, at_start=h.at_start)
         if h.resp_seq is not None:
             conn.resp.anchor(h.resp_seq)
         conn.last_ts = h.ts_ns

@@ -61,6 +61,7 @@ CLV_MODE_DEAD = 3
 
 CLV_SYNC_REQUEST = 0x01
 CLV_SYNC_RESPONSE = 0x02
+CLV_SYNC_START = 0x04
 
 CLV_RESP_HEAD_MAX = 672
 CLV_REQ_HEAD_MAX = 1024
@@ -71,6 +72,7 @@ CLV_BODY_MAX = 1 << 30
 CLV_CONN_RESP_KNOWN = 0x01
 CLV_CONN_FIN_REQ = 0x02
 CLV_CONN_FIN_RESP = 0x04
+CLV_CONN_AT_START = 0x08
 
 CLV_RED_BUCKETS = 15
 
@@ -320,6 +322,19 @@ class clv_conn(ctypes.Structure):
     ]
 
 
+CLV_SYN_REQUEST = 0x01
+CLV_SYN_RESPONSE = 0x02
+
+
+class clv_syn(ctypes.Structure):
+    _fields_ = [
+        ("req_next", _u32),
+        ("resp_next", _u32),
+        ("flags", _u32),
+        ("pad", _u32),
+    ]
+
+
 class clv_red_key(ctypes.Structure):
     _fields_ = [
         ("ifindex", _u32),
@@ -351,6 +366,7 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (
     clv_conn_key,
     clv_held_seg,
     clv_conn,
+    clv_syn,
     clv_red_key,
     clv_red,
     clv_h2_frame,
@@ -472,7 +488,7 @@ def _decode_handover(buf: RecordSource, off: int, size: int) -> Handover:
     return Handover(
         ts_ns, ifindex, role_, family, _addr(caddr, family), cport, _addr(saddr, family), sport,
         reason, req_seq if synced & CLV_SYNC_REQUEST else None,
-        resp_seq if synced & CLV_SYNC_RESPONSE else None,
+        resp_seq if synced & CLV_SYNC_RESPONSE else None, bool(synced & CLV_SYNC_START),
     )  # fmt: skip
 
 

@@ -246,7 +246,7 @@ class BpfObject:
             self.close()
             raise
 
-    _MAPS = ("ports", "egress", "port_bits", "events", "counters", "conns", "red")
+    _MAPS = ("ports", "egress", "port_bits", "events", "counters", "conns", "syns", "red")
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -288,10 +288,11 @@ class BpfObject:
             _set_max_entries(self._map("events"), self.ring_bytes),
             "bpf_map__set_max_entries(events)",
         )
-        libbpf.check(
-            _set_max_entries(self._map("conns"), self.max_connections),
-            "bpf_map__set_max_entries(conns)",
-        )
+        for name in ("conns", "syns"):
+            libbpf.check(
+                _set_max_entries(self._map(name), self.max_connections),
+                f"bpf_map__set_max_entries({name})",
+            )
 
     def _load(self) -> None:
         with _LibbpfLog() as libbpf_log:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
 import random
 import sys
@@ -35,6 +36,7 @@ from clovisor.core.tracker import Tracker
 from clovisor.export.ids import FastIdGenerator
 from clovisor.export.otlp_json import spans_to_otlp_json
 from clovisor.export.spans import session_to_span
+from clovisor.gctune import tune_for_tracing
 from clovisor.kernel.abi import (
     CLV_EV_EXCHANGE,
     CLV_EV_SEGMENT,
@@ -214,9 +216,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--paired", action="store_true",
                    help="exchange records (kernel pairing) instead of segments")
     p.add_argument("--profile", action="store_true", help="cProfile the whole path once")
+    p.add_argument("--gc", choices=("tuned", "default"), default="tuned",
+                   help="the collector as clovisor trace sets it, or CPython's default")
     args = p.parse_args(argv)
     raw = traffic(args.requests, args.connections, args.varied, paired=args.paired)
     rings = ring_batches(raw, args.batch)
+    if args.gc == "tuned":
+        tune_for_tracing()
+    else:
+        gc.collect()
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -230,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k, v in spent.items():
             best[k] = min(best.get(k, v), v)
     per = {k: 1e6 * v / args.requests for k, v in best.items()}
-    kind = ("varied" if args.varied else "identical") + (" paired" if args.paired else "")
+    kind = (("varied" if args.varied else "identical") + (" paired" if args.paired else "")
+            + f", gc {args.gc}")
     print(f"{args.requests} {kind} requests, {len(raw)} records, batches of {args.batch}; "
           f"best of {args.repeat}, µs per request:")
     for k in STAGES:

@@ -57,8 +57,9 @@ def server(topology: Topology) -> Topology:
 
 
 @contextlib.contextmanager
-def _tracer(topo: Topology, exporter: Collect, **kw: object) -> Iterator[Tracer]:
-    t = Tracer(TracerSettings(), [exporter], **kw)  # type: ignore[arg-type]
+def _tracer(topo: Topology, exporter: Collect, settings: TracerSettings | None = None,
+            **kw: object) -> Iterator[Tracer]:
+    t = Tracer(settings or TracerSettings(), [exporter], **kw)  # type: ignore[arg-type]
     t.start()
     try:
         with in_netns(topo.node_ns):
@@ -119,3 +120,18 @@ def test_a_failing_slice_is_counted_and_the_tracer_goes_on(server: Topology) -> 
         assert _wait(lambda: len(exporter.targets()) >= 2)
         assert exporter.targets() == ["/second", "/third"]
         assert failures == [1]
+
+
+def test_shed_exchanges_are_spans_shed_on_the_totals_line(server: Topology) -> None:
+    # less than the whole ring is always free: the classifier sheds every exchange record
+    ring = 1 << 16
+    exporter = Collect()
+    settings = TracerSettings(ring_bytes=ring, shed_bytes=ring - 1)
+    with _tracer(server, exporter, settings) as tracer:
+        _get(server, [f"/shed/{i}" for i in range(20)])
+        assert _wait(lambda: tracer.totals().spans_shed >= 20)
+        totals = tracer.totals()
+        assert (totals.spans_shed, totals.exchanges_shed, totals.sessions) == (20, 20, 0)
+        assert "spans shed 20" in str(totals)
+        assert tracer.health_stats()["spans_shed"] == 20
+    assert exporter.spans == []

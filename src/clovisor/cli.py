@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from .export import Exporter
+from .gctune import tune_for_tracing
 from .logs import notice
 from .specs import (
     OutputSpec,
@@ -393,6 +394,7 @@ def _trace(args: argparse.Namespace) -> int:
     )
     telemetry.metrics.register_unseen(tracer.unseen_exchanges)
     tracer.count = args.count
+    tune_for_tracing()
     # A plain flag, not an Event: the handler runs on this thread, and
     # Event.set() there could wait forever for the lock of the very
     # Event.wait() it interrupted.
@@ -540,6 +542,7 @@ def _agent(args: argparse.Namespace) -> int:
                  "spans_sampled_out": telemetry.sampler.sampled_out}
     )
     telemetry.metrics.register_unseen(lambda: agent.tracer.unseen_exchanges())
+    tune_for_tracing()
     # The loop runs on its own thread so that the signal handler, which runs
     # on this one, never waits for a lock the interrupted code holds.
     outcome: list[BaseException | object] = []

@@ -48,7 +48,7 @@ Agent health, read from the runtime at scrape time (see
 ``clovisor_segments_total``, ``clovisor_events_lost_total``,
 ``clovisor_parse_errors_total``, ``clovisor_malformed_records_total``,
 ``clovisor_sessions_emitted_total``, ``clovisor_exchanges_paired_total``,
-``clovisor_exchanges_shed_total``, ``clovisor_handovers_total``,
+``clovisor_exchanges_shed_total``, ``clovisor_spans_shed_total``, ``clovisor_handovers_total``,
 ``clovisor_connections_evicted_total``,
 ``clovisor_lost_responses_total``, ``clovisor_encrypted_connections_total``,
 ``clovisor_unrecognized_connections_total``, ``clovisor_http2_framing_lost_total``,
@@ -220,6 +220,12 @@ HEALTH_METRICS: Final[Mapping[str, tuple[str, str, str]]] = {
     ),
     "spans_exported": ("clovisor_spans_exported", "counter", "Spans the exporters accepted."),
     "spans_failed": ("clovisor_spans_failed", "counter", "Spans an exporter failed to deliver."),
+    "spans_shed": (
+        "clovisor_spans_shed",
+        "counter",
+        "Requests seen but never exported: counted by the kernel without a record, or "
+        "dropped from the fullest output queue.",
+    ),
     "spans_dropped": (
         "clovisor_spans_dropped",
         "counter",

@@ -113,6 +113,10 @@ class Totals:
     exchanges_shed: int = 0  # exchange records shed in the kernel (counted in its RED map)
     encrypted: int = 0
     unrecognized: int = 0
+    # Requests seen but never exported: exchanges the kernel counted without
+    # a record reaching user space, plus what the output that dropped the
+    # most pushed out of its full queue.
+    spans_shed: int = 0
 
     def __str__(self) -> str:
         return (
@@ -120,11 +124,17 @@ class Totals:
             f"sessions emitted {self.sessions}, parse errors {self.parse_errors}, "
             f"exchanges paired {self.exchanges}"
             + (f", exchanges shed {self.exchanges_shed}" if self.exchanges_shed else "")
+            + (f", spans shed {self.spans_shed}" if self.spans_shed else "")
             + (f", encrypted {self.encrypted}" if self.encrypted else "")
             + (f", unrecognized {self.unrecognized}" if self.unrecognized else "")
             + (f", malformed records {self.malformed_records}" if self.malformed_records else "")
             + (f", export failures {self.export_failures}" if self.export_failures else "")
         )
+
+
+def _dropped(exporter: Exporter) -> int:
+    stats = getattr(exporter, "stats", None)
+    return int(stats().get("spans_dropped", 0)) if callable(stats) else 0
 
 
 def resolve_interface(name: str) -> int:
@@ -163,6 +173,7 @@ class Tracer:
         self.tracker = Tracker(settings.limits, parsers)
         self.sessions = 0  # sessions handed to the exporters
         self.export_failures = 0
+        self._retired_drops: list[int] = []
         self.done = threading.Event()  # set when ``count`` sessions were exported
         self.count: int | None = None
         self.ready = threading.Event()  # the classifier is loaded and the stages run
@@ -240,7 +251,15 @@ class Tracer:
             exchanges_shed=counters.get("shed", 0),
             encrypted=self.tracker.stats.encrypted,
             unrecognized=self.tracker.stats.unrecognized,
+            spans_shed=(sum(v.exchanges for v in self.red_metrics().values())
+                        + max(self._dropped_by_output(), default=0)),
         )
+
+    def _dropped_by_output(self) -> list[int]:
+        """Spans each output's queue dropped, a replaced output's up to its replacement."""
+        with self._exporters_lock:
+            exporters = self._exporters
+        return [_dropped(e) for e in exporters] + self._retired_drops
 
     # -- targets ---------------------------------------------------------------------
 
@@ -324,7 +343,9 @@ class Tracer:
         """
         with self._exporters_lock:
             old, self._exporters = self._exporters, tuple(exporters)
-        return tuple(e for e in old if e not in self._exporters)
+        retired = tuple(e for e in old if e not in self._exporters)
+        self._retired_drops.extend(d for d in map(_dropped, retired) if d)
+        return retired
 
     # -- stages ---------------------------------------------------------------------
 
@@ -462,6 +483,7 @@ class Tracer:
             "sessions": t.sessions,
             "exchanges_paired": t.exchanges,
             "exchanges_shed": t.exchanges_shed,
+            "spans_shed": t.spans_shed,
             "handovers": stats.handovers,
             "connections_evicted": stats.evicted,
             "lost_responses": stats.lost_responses,
